@@ -1,0 +1,125 @@
+"""Ground truth and measurements: exact enumeration for tiny models, gradient-variance probes."""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .models import SBN
+
+#: largest number of latent units for which exact enumeration (2^N configurations) is allowed
+MAX_EXACT_LATENTS = 20
+
+
+class TooLargeForExact(ValueError):
+    pass
+
+
+def check_exact_size(model: SBN, limit: int = MAX_EXACT_LATENTS) -> int:
+    n = sum(model.latent_sizes)
+    if n > limit:
+        raise TooLargeForExact(
+            f"exact enumeration needs 2^{n} latent configurations; it is limited to models with at most "
+            f"{limit} latent units (this model has latent_sizes={model.latent_sizes}). "
+            f"Use a smaller model, e.g. model.latent_sizes=[3,3].")
+    return n
+
+
+def all_configurations(sizes: list[int], device=None, dtype=torch.float32) -> list[Tensor]:
+    """Every joint 0/1 configuration of the latent layers: a list of ``[2^N, H_l]`` tensors."""
+    n = sum(sizes)
+    bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), device=device, dtype=dtype)  # [2^N, N]
+    return list(bits.split(sizes, dim=1))
+
+
+def _per_config(model: SBN, x: Tensor, max_rows: int) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield (log p(x, z) ``[B, C]``, log q(z | x) ``[B, C]``) over chunks of configurations."""
+    check_exact_size(model)
+    configs = all_configurations(model.latent_sizes, x.device, x.dtype)
+    total, B = configs[0].shape[0], x.shape[0]
+    per = max(1, max_rows // max(1, B))
+    for s in range(0, total, per):
+        zc = [z[s:s + per] for z in configs]
+        C = zc[0].shape[0]
+        xr = x[:, None, :].expand(B, C, x.shape[1]).reshape(B * C, -1)
+        zr = [z[None].expand(B, C, z.shape[1]).reshape(B * C, -1) for z in zc]
+        yield model.log_joint(xr, zr).view(B, C), model.log_q(xr, zr).view(B, C)
+
+
+def exact_elbo(model: SBN, x: Tensor, max_rows: int = 1 << 18) -> Tensor:
+    """sum_z q(z|x) [log p(x,z) - log q(z|x)], ``[B]``, differentiable in every model parameter."""
+    out = x.new_zeros(x.shape[0])
+    for lp, lq in _per_config(model, x, max_rows):
+        out = out + (lq.exp() * (lp - lq)).sum(1)
+    return out
+
+
+@torch.no_grad()
+def exact_log_likelihood(model: SBN, x: Tensor, max_rows: int = 1 << 18) -> Tensor:
+    """log p(x) = logsumexp_z log p(x, z), ``[B]``."""
+    parts = [torch.logsumexp(lp, 1) for lp, _ in _per_config(model, x, max_rows)]
+    return torch.logsumexp(torch.stack(parts), 0)
+
+
+def exact_gradient(model: SBN, x: Tensor) -> list[Tensor]:
+    """Gradient of the batch-mean NEGATIVE ELBO w.r.t. ``model.parameters()``, by enumeration."""
+    params = [p for p in model.parameters()]
+    return list(torch.autograd.grad(-exact_elbo(model, x).mean(), params))
+
+
+class Welford:
+    """Running per-element mean and unbiased variance of a stream of flat vectors."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, v: Tensor) -> None:
+        v = v.detach().double()
+        self.n += 1
+        if self.mean is None:
+            self.mean, self.m2 = v.clone(), torch.zeros_like(v)
+            return
+        delta = v - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (v - self.mean)
+
+    def variance(self) -> Tensor:
+        if self.n < 2:
+            raise ValueError("need at least two samples for a variance")
+        return self.m2 / (self.n - 1)
+
+
+def gradient_samples(estimate_grad: Callable[[int], list[Tensor]], n: int) -> Iterable[list[Tensor]]:
+    for i in range(n):
+        yield estimate_grad(i)
+
+
+def gradient_variance(model: SBN, estimator, batches: Iterable[Tensor], generator: torch.Generator,
+                      params: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """Mean over parameter elements of the unbiased variance of the estimator's gradient.
+
+    ``batches`` supplies one minibatch per independent estimate (the paper's protocol uses M fresh
+    training minibatches; repeating one batch measures the latent noise alone). ``params`` maps a
+    metric name to the parameters it averages over. The estimator is put in eval mode (no state
+    updates) and restored; model ``.grad`` fields are not touched.
+    """
+    names = list(params)
+    flat = [p for name in names for p in params[name]]
+    stats = {name: Welford() for name in names}
+    was_training = estimator.training
+    estimator.eval()
+    try:
+        for x in batches:
+            est = estimator(model, x, generator)
+            grads = torch.autograd.grad(est.surrogate, flat, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat)]
+            i = 0
+            for name in names:
+                k = len(params[name])
+                stats[name].add(torch.cat([g.reshape(-1) for g in grads[i:i + k]]))
+                i += k
+    finally:
+        estimator.train(was_training)
+    return {name: float(s.variance().mean()) for name, s in stats.items()}

@@ -1,0 +1,49 @@
+"""The estimator contract.
+
+An estimator is an ``nn.Module`` called as ``est(model, x, generator=None)``. It returns an
+:class:`Estimate` whose ``surrogate`` is a scalar: ``surrogate.backward()`` leaves in every model
+parameter's ``.grad`` an estimate of the gradient of the batch-mean NEGATIVE ELBO (generative and
+inference parameters alike). Parameters the estimator owns (baseline nets, control variates) get
+their gradient from ``aux_loss`` only; the training loop steps them with an optimizer of their own.
+
+State that adapts during training (moving averages) is updated only in ``train()`` mode, so a
+measurement in ``eval()`` mode leaves the estimator exactly as it found it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..models import SBN
+
+
+@dataclass
+class Estimate:
+    surrogate: Tensor                 # scalar; its gradient estimates d(-mean ELBO)/d(model params)
+    elbo: Tensor                      # [B], detached single-sample ELBO log p(x,z) - log q(z|x)
+    aux_loss: Tensor | None = None    # scalar loss for the estimator's own parameters, or None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Estimator(nn.Module):
+    """Base class; subclasses implement ``forward(model, x, generator=None) -> Estimate``."""
+
+    #: True when E[gradient of surrogate] equals the exact ELBO gradient for every parameter value
+    unbiased: bool = True
+
+    def __init__(self, model: SBN | None = None):
+        super().__init__()
+
+    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:  # noqa: D401
+        raise NotImplementedError
+
+
+def elbo_of(model: SBN, x: Tensor, zs: list[Tensor], log_p: list[Tensor] | None = None,
+            log_q: list[Tensor] | None = None) -> Tensor:
+    """Detached single-sample ELBO ``[B]`` from precomputed per-layer terms when given."""
+    with torch.no_grad():
+        lp = torch.stack(log_p).sum(0) if log_p is not None else model.log_joint(x, zs)
+        lq = torch.stack(log_q).sum(0) if log_q is not None else model.log_q(x, zs)
+        return (lp - lq).detach()

@@ -1,0 +1,212 @@
+"""Sigmoid belief networks with a factorized Bernoulli variational posterior.
+
+Layers are indexed 1..L, layer 1 nearest the data; ``z_0 = x``.
+
+- generative p: p(z_L) = Bernoulli(sigmoid(prior_logits)), p(z_{l-1} | z_l) = Bernoulli(sigmoid(p_nets[l-1](z_l)))
+- inference q:  q(z_l | z_{l-1}) = Bernoulli(sigmoid(q_nets[l-1](z_{l-1}))); layer 1 sees ``x - x_mean``.
+
+Every conditional is an affine map (``first``) optionally followed by an MLP tail (``rest``). The
+split lets the marginal estimator apply a one-unit flip to the pre-activations of ``first`` as a
+rank-1 update instead of a matrix product.
+
+Sampling takes explicit uniforms: ``z = 1[logit(u) < a]`` (equivalently ``u < sigmoid(a)``), so every
+latent is a deterministic function of (x, u) and estimators can share noise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def bernoulli_log_prob(v: Tensor, logits: Tensor) -> Tensor:
+    """log Bernoulli(v | sigmoid(logits)) summed over the last dim. ``v`` broadcasts against ``logits``."""
+    return (v * logits).sum(-1) - F.softplus(logits).sum(-1)
+
+
+def bernoulli_entropy(logits: Tensor) -> Tensor:
+    """Entropy of Bernoulli(sigmoid(logits)) summed over the last dim: softplus(a) - sigmoid(a) * a."""
+    return (F.softplus(logits) - torch.sigmoid(logits) * logits).sum(-1)
+
+
+def logit_of_uniform(u: Tensor) -> Tensor:
+    """logit(u); ``z = (logit(u) < a)`` samples Bernoulli(sigmoid(a)) from the uniform ``u``."""
+    return torch.log(u) - torch.log1p(-u)
+
+
+def threshold(lu: Tensor, logits: Tensor) -> Tensor:
+    """The sample 1[u < sigmoid(a)] from precomputed ``lu = logit(u)``, as a float of the logits' dtype."""
+    return (lu < logits).to(logits.dtype)
+
+
+class Conditional(nn.Module):
+    """Logits of a factorized Bernoulli given its parent: ``rest(first(v))``.
+
+    ``n_hidden = 0``: one affine map (the linear SBN). ``n_hidden = k``: ``k`` tanh hidden layers as wide
+    as the input, then an affine output layer (the paper's nonlinear SBN uses k = 2).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, n_hidden: int = 0):
+        super().__init__()
+        width = in_dim
+        self.first = nn.Linear(in_dim, out_dim if n_hidden == 0 else width)
+        tail: list[nn.Module] = []
+        for k in range(n_hidden):
+            tail.append(nn.Tanh())
+            tail.append(nn.Linear(width, out_dim if k == n_hidden - 1 else width))
+        self.rest = nn.Sequential(*tail)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def is_linear(self) -> bool:
+        return len(self.rest) == 0
+
+    def forward(self, v: Tensor) -> Tensor:
+        return self.rest(self.first(v))
+
+    def tail(self, pre: Tensor) -> Tensor:
+        """Logits from pre-activations of ``first``; works on any leading shape."""
+        if self.is_linear:
+            return pre
+        lead = pre.shape[:-1]
+        out = self.rest(pre.reshape(-1, pre.shape[-1]))
+        return out.reshape(*lead, out.shape[-1])
+
+
+class SBN(nn.Module):
+    """A sigmoid belief network and its inference network.
+
+    Args:
+        x_dim: number of visible units.
+        latent_sizes: units per latent layer, layer 1 (nearest the data) first.
+        n_hidden: tanh hidden layers in every conditional (0 = linear SBN).
+        x_mean: training-set mean of x, subtracted from the input of the first inference layer.
+    """
+
+    def __init__(self, x_dim: int, latent_sizes: Sequence[int], n_hidden: int = 0,
+                 x_mean: Tensor | None = None):
+        super().__init__()
+        latent_sizes = [int(h) for h in latent_sizes]
+        if int(x_dim) <= 0:
+            raise ValueError(f"x_dim must be positive, got {x_dim}")
+        if not latent_sizes or any(h <= 0 for h in latent_sizes):
+            raise ValueError(f"latent_sizes must be a non-empty list of positive ints, got {latent_sizes}")
+        if n_hidden < 0:
+            raise ValueError(f"n_hidden must be >= 0, got {n_hidden}")
+        self.x_dim = int(x_dim)
+        self.latent_sizes = latent_sizes
+        self.n_hidden = int(n_hidden)
+        sizes = [self.x_dim] + latent_sizes
+        self.sizes = sizes
+        self.q_nets = nn.ModuleList(Conditional(sizes[l], sizes[l + 1], n_hidden) for l in range(len(latent_sizes)))
+        self.p_nets = nn.ModuleList(Conditional(sizes[l + 1], sizes[l], n_hidden) for l in range(len(latent_sizes)))
+        self.prior_logits = nn.Parameter(torch.zeros(sizes[-1]))
+        self.register_buffer("x_mean", torch.zeros(self.x_dim) if x_mean is None else x_mean.detach().clone().float())
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.latent_sizes)
+
+    def inference_parameters(self) -> list[nn.Parameter]:
+        return list(self.q_nets.parameters())
+
+    def generative_parameters(self) -> list[nn.Parameter]:
+        return list(self.p_nets.parameters()) + [self.prior_logits]
+
+    # ----- inference network ---------------------------------------------------------------
+    def q_input(self, l: int, parent: Tensor) -> Tensor:
+        """Input of inference layer ``l`` (1-based): the parent, mean-centred for layer 1."""
+        return parent - self.x_mean.to(parent.dtype) if l == 1 else parent
+
+    def q_logits(self, l: int, parent: Tensor) -> Tensor:
+        """Logits of q(z_l | z_{l-1}=parent); ``l`` is 1-based."""
+        return self.q_nets[l - 1](self.q_input(l, parent))
+
+    def draw_uniforms(self, batch: int, generator: torch.Generator | None = None,
+                      device=None, dtype=None) -> list[Tensor]:
+        """One uniform per latent unit, as a list of ``[B, H_l]`` tensors."""
+        p = self.prior_logits
+        return [torch.rand(batch, h, generator=generator, device=device or p.device, dtype=dtype or p.dtype)
+                for h in self.latent_sizes]
+
+    def sample_q(self, x: Tensor, uniforms: Sequence[Tensor]) -> list[Tensor]:
+        """Sample z_1..z_L ~ q(. | x) from explicit uniforms ``[B, H_l]``; returns 0/1 floats (no gradient)."""
+        zs, parent = [], x
+        with torch.no_grad():
+            for l, u in enumerate(uniforms, start=1):
+                z = threshold(logit_of_uniform(u), self.q_logits(l, parent))
+                zs.append(z)
+                parent = z
+        return zs
+
+    def log_q_layers(self, x: Tensor, zs: Sequence[Tensor]) -> list[Tensor]:
+        """[log q(z_l | z_{l-1}) for l = 1..L], each ``[B]``."""
+        parents = [x] + list(zs[:-1])
+        return [bernoulli_log_prob(z, self.q_logits(l, p)) for l, (p, z) in enumerate(zip(parents, zs), start=1)]
+
+    def entropy_layers(self, x: Tensor, zs: Sequence[Tensor]) -> list[Tensor]:
+        """[H(q(. | z_{l-1})) for l = 1..L], each ``[B]`` (depends on the parents only)."""
+        parents = [x] + list(zs[:-1])
+        return [bernoulli_entropy(self.q_logits(l, p)) for l, p in enumerate(parents, start=1)]
+
+    def log_q(self, x: Tensor, zs: Sequence[Tensor]) -> Tensor:
+        """log q(z_1..z_L | x), ``[B]``."""
+        return torch.stack(self.log_q_layers(x, zs)).sum(0)
+
+    # ----- generative network -------------------------------------------------------------
+    def log_p_layers(self, x: Tensor, zs: Sequence[Tensor]) -> list[Tensor]:
+        """[log p(z_{l-1} | z_l) for l = 1..L] + [log p(z_L)], each ``[B]``."""
+        below = [x] + list(zs[:-1])
+        terms = [bernoulli_log_prob(v, self.p_nets[l](z)) for l, (v, z) in enumerate(zip(below, zs))]
+        terms.append(bernoulli_log_prob(zs[-1], self.prior_logits))
+        return terms
+
+    def log_joint(self, x: Tensor, zs: Sequence[Tensor]) -> Tensor:
+        """log p(x, z_1..z_L), ``[B]``."""
+        return torch.stack(self.log_p_layers(x, zs)).sum(0)
+
+    @torch.no_grad()
+    def sample_p(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Ancestral samples: returns (mean of x given z_1 ``[n, D]``, [z_1..z_L])."""
+        p = self.prior_logits
+        z = (torch.rand(n, p.numel(), generator=generator, device=p.device, dtype=p.dtype)
+             < torch.sigmoid(p)).to(p.dtype)
+        zs = [z]
+        for l in range(self.n_layers - 1, 0, -1):
+            probs = torch.sigmoid(self.p_nets[l](zs[0]))
+            zs.insert(0, (torch.rand(probs.shape, generator=generator, device=p.device, dtype=p.dtype) < probs).to(p.dtype))
+        return torch.sigmoid(self.p_nets[0](zs[0])), zs
+
+    # ----- bounds ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Single-sample ELBO estimate log p(x, z) - log q(z | x), ``[B]``."""
+        zs = self.sample_q(x, self.draw_uniforms(x.shape[0], generator, x.device, x.dtype))
+        return self.log_joint(x, zs) - self.log_q(x, zs)
+
+    @torch.no_grad()
+    def iwae_bound(self, x: Tensor, k: int, generator: torch.Generator | None = None,
+                   max_rows: int = 65536) -> Tensor:
+        """K-sample importance-weighted bound log (1/K) sum_k p(x, z_k) / q(z_k | x), ``[B]``.
+
+        The K samples are processed in chunks of at most ``max_rows`` rows so memory stays bounded
+        for large K; chunks are combined with a running logsumexp.
+        """
+        B = x.shape[0]
+        per_chunk = max(1, max_rows // max(B, 1))
+        total = torch.full((B,), -math.inf, device=x.device, dtype=x.dtype)
+        done = 0
+        while done < k:
+            c = min(per_chunk, k - done)
+            xr = x.repeat(c, 1)  # [c*B, D], sample-major
+            zs = self.sample_q(xr, self.draw_uniforms(xr.shape[0], generator, x.device, x.dtype))
+            w = (self.log_joint(xr, zs) - self.log_q(xr, zs)).view(c, B)
+            total = torch.logaddexp(total, torch.logsumexp(w, 0))
+            done += c
+        return total - math.log(k)

@@ -1,0 +1,150 @@
+"""Estimators against the exact gradient on a tiny float64 SBN (5 visible, 2 layers x 3 units)."""
+import pytest
+import torch
+from scipy import stats as sps
+
+from sbn_train.diagnostics import TooLargeForExact, exact_gradient
+from sbn_train.estimators import available_estimators, build_estimator
+from sbn_train.estimators.marginal import flip_deltas, flip_deltas_reference
+from sbn_train.models import SBN
+
+from conftest import random_binary, random_sbn
+from stats import bonferroni_z, flat_grad, sample_gradients, unbiasedness_z
+
+ALPHA = 1e-3          # false-alarm rate of each unbiasedness test (whole gradient, Bonferroni-corrected)
+N_SAMPLES = 3000
+
+
+def randomize_estimator(est, seed=5):
+    """Random baseline nets and moving averages: unbiasedness must not depend on them."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in est.parameters():
+            p.normal_(0.0, 1.0)
+        for name, b in est.named_buffers():
+            if b.is_floating_point():
+                b.normal_(0.0, 3.0).abs_() if "var" in name else b.normal_(0.0, 3.0)
+    return est.eval()
+
+
+UNBIASED = ["marginal", "reinforce", "reinforce_ma", "nvil"]
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_unbiased_against_exact(name):
+    model, x = random_sbn(), random_binary(4, 5)
+    exact = torch.cat([g.reshape(-1) for g in exact_gradient(model, x)])
+    est = randomize_estimator(build_estimator(name, model).double())
+    samples = sample_gradients(est, model, x, N_SAMPLES, seed=11)
+    z, live = unbiasedness_z(samples, exact)
+    threshold = bonferroni_z(ALPHA, int(live.sum()))
+    assert live.sum() > 0.9 * exact.numel()
+    assert float(z.max()) < threshold, f"{name}: max z {float(z.max()):.2f} >= {threshold:.2f}"
+    # coordinates with no spread must be exact
+    torch.testing.assert_close(samples.mean(0)[~live], exact[~live], rtol=1e-9, atol=1e-9)
+
+
+def test_unbiasedness_test_sees_a_bias():
+    """Power check of the test above: a 2% scaled gradient is a biased estimator and must fail it."""
+    model, x = random_sbn(), random_binary(4, 5)
+    exact = torch.cat([g.reshape(-1) for g in exact_gradient(model, x)])
+    samples = 1.02 * sample_gradients(build_estimator("marginal", model).double(), model, x, N_SAMPLES, seed=11)
+    z, live = unbiasedness_z(samples, exact)
+    assert float(z.max()) > bonferroni_z(ALPHA, int(live.sum()))
+
+
+def test_exact_estimator_is_the_oracle():
+    model, x = random_sbn(), random_binary(4, 5)
+    est = build_estimator("exact", model)
+    model.zero_grad()
+    est(model, x).surrogate.backward()
+    exact = torch.cat([g.reshape(-1) for g in exact_gradient(model, x)])
+    torch.testing.assert_close(flat_grad(model), exact, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_refuses_large_models():
+    with pytest.raises(TooLargeForExact, match="at most 20 latent units"):
+        build_estimator("exact", SBN(x_dim=5, latent_sizes=[20, 1]))
+
+
+@pytest.mark.parametrize("n_hidden,sizes", [(0, (3, 3)), (0, (4, 3, 2, 3)), (2, (3, 4))])
+def test_fast_marginal_equals_reference(n_hidden, sizes):
+    """Same uniforms -> the fast (rank-1, chunked) and brute-force implementations agree to 1e-10."""
+    model, x = random_sbn(latent_sizes=sizes, n_hidden=n_hidden), random_binary(6, 5)
+    grads = {}
+    for impl in ("fast", "reference"):
+        est = build_estimator("marginal", model, implementation=impl, max_elements=7)
+        model.zero_grad()
+        est(model, x, torch.Generator().manual_seed(2)).surrogate.backward()
+        grads[impl] = flat_grad(model)
+    rel = (grads["fast"] - grads["reference"]).norm() / grads["reference"].norm()
+    assert rel < 1e-10
+    g = torch.Generator().manual_seed(4)
+    us = model.draw_uniforms(6, g, dtype=torch.float64)
+    zs = model.sample_q(x, us)
+    for a, b in zip(flip_deltas(model, x, zs, us, max_elements=5), flip_deltas_reference(model, x, zs, us)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_one_latent_unit_is_exact():
+    """With one latent unit the marginal estimator's inference gradient has zero variance and equals the
+    exact gradient. (Generative parameters get the pathwise gradient at the sampled z, as in the paper,
+    so they vary; their unbiasedness is tested above.)"""
+    model, x = random_sbn(latent_sizes=(1,)), random_binary(4, 5)
+    exact = exact_gradient(model, x)
+    est = build_estimator("marginal", model)
+    names = [n for n, _ in model.named_parameters()]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        model.zero_grad()
+        est(model, x, g).surrogate.backward()
+        for n, p, e in zip(names, model.parameters(), exact):
+            if n.startswith("q_nets"):
+                torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-12)
+
+
+def _inference_variance_by_group(est, model, x, n, groups, seed):
+    """Mean over inference coordinates of the per-group sample variance, for ``groups`` disjoint groups."""
+    samples = sample_gradients(est, model, x, n, seed)
+    mask = torch.cat([torch.full((p.numel(),), name.startswith("q_nets")) for name, p in model.named_parameters()])
+    inf = samples[:, mask]
+    return torch.stack([g.var(0).mean() for g in inf.chunk(groups)])
+
+
+@pytest.mark.parametrize("other", ["reinforce", "nvil"])
+def test_marginal_variance_not_larger(other):
+    """Var(marginal) <= Var(LR with any baseline) on inference parameters (Tokui & Sato, theorem).
+
+    20 independent groups of estimates give 20 paired differences of the mean variance; a one-sided
+    t-test at false-alarm rate 1e-3 fails only if marginal's variance is significantly LARGER."""
+    model, x = random_sbn(), random_binary(4, 5)
+    groups = 20
+    v_m = _inference_variance_by_group(build_estimator("marginal", model).double(), model, x, 2000, groups, 1)
+    v_o = _inference_variance_by_group(randomize_estimator(build_estimator(other, model).double()),
+                                       model, x, 2000, groups, 2)
+    d = v_m - v_o
+    t = float(d.mean() / (d.std() / groups ** 0.5))
+    assert t < sps.t.isf(1e-3, df=groups - 1)
+    assert float(v_m.mean()) < float(v_o.mean())
+
+
+def test_build_estimator_errors():
+    model = SBN(x_dim=5, latent_sizes=[3, 3])
+    with pytest.raises(ValueError, match="unknown estimator 'nope'"):
+        build_estimator("nope", model)
+    with pytest.raises(ValueError, match="unknown option"):
+        build_estimator("marginal", model, not_an_option=1)
+    assert {"marginal", "reinforce", "reinforce_ma", "nvil", "exact"} <= set(available_estimators())
+
+
+def test_estimate_contract():
+    model = SBN(x_dim=5, latent_sizes=[3, 3])
+    x = random_binary(8, 5).float()
+    for name in available_estimators():
+        est = build_estimator(name, model)
+        out = est(model, x, torch.Generator().manual_seed(0))
+        assert out.surrogate.dim() == 0 and out.elbo.shape == (8,) and not out.elbo.requires_grad
+        model.zero_grad()
+        loss = out.surrogate if out.aux_loss is None else out.surrogate + out.aux_loss
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()), name
