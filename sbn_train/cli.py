@@ -63,7 +63,7 @@ def main_task(cfg: DictConfig) -> dict:
     result = run(model, estimator, splits, typed.train, typed.optim, typed.eval, typed.variance, out_dir,
                  typed.seed, hparams)
     log.info("finished at step %d: %s", result.step,
-             ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items() if isinstance(v, float)))
+             ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics
 
 

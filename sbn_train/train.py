@@ -127,6 +127,22 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
                        f"train.overwrite=true") from e
 
 
+def train_step(model: SBN, estimator: Estimator, est, model_opt: torch.optim.Optimizer,
+               est_opt: torch.optim.Optimizer | None, est_params: list[nn.Parameter]) -> None:
+    """One update. Model parameters follow the surrogate; the estimator's own parameters follow its
+    ``aux_loss`` alone (e.g. a baseline's squared error, or a variance objective built from the
+    gradient estimate with ``create_graph=True``), so neither loss leaks into the other's parameters."""
+    model_opt.zero_grad(set_to_none=True)
+    if est_opt is not None and est.aux_loss is not None:
+        grads = torch.autograd.grad(est.aux_loss, est_params, retain_graph=True, allow_unused=True)
+        for p, g in zip(est_params, grads):
+            p.grad = g
+    est.surrogate.backward(inputs=[p for g in model_opt.param_groups for p in g["params"]])
+    model_opt.step()
+    if est_opt is not None and est.aux_loss is not None:
+        est_opt.step()
+
+
 @dataclass
 class RunResult:
     step: int
@@ -191,14 +207,7 @@ def run(model: SBN, estimator: Estimator, splits: Splits, train_cfg: TrainConfig
             step += 1
             x = sampler.next().to(model.prior_logits.dtype)
             est = estimator(model, x, gen)
-            loss = est.surrogate if est.aux_loss is None else est.surrogate + est.aux_loss
-            model_opt.zero_grad(set_to_none=True)
-            if est_opt is not None:
-                est_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            model_opt.step()
-            if est_opt is not None:
-                est_opt.step()
+            train_step(model, estimator, est, model_opt, est_opt, est_params)
             elbo_sum += est.elbo.mean()
             elbo_n, n_window = elbo_n + 1, n_window + 1
             bar.update(1)

@@ -25,6 +25,7 @@ Two implementations of the per-unit differences Delta_{l,i} = F(z with z_{l,i} f
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import SBN, bernoulli_entropy, bernoulli_log_prob, logit_of_uniform, threshold
@@ -63,12 +64,30 @@ def _flip_layer(z: Tensor, d: Tensor, start: int) -> Tensor:
     return out
 
 
+def _softplus_sum(a: Tensor) -> Tensor:
+    return F.softplus(a).sum(-1)
+
+
+def _log_prob_rank1(net, v: Tensor, pre: Tensor, d: Tensor, start: int) -> Tensor:
+    """sum_j log Bern(v_j | logits'_j), ``[B, c]``, where logits' come from ``pre [B, h]`` (pre-activations of
+    ``net.first`` at the sampled input) after flipping input unit start + j (``d [B, c]``)."""
+    w = net.first.weight[:, start:start + d.shape[1]].T                     # [c, h]
+    flipped = torch.addcmul(pre[:, None, :], d[:, :, None], w[None])         # [B, c, h]
+    if net.is_linear:
+        # v . logits' = v . pre + d_j (v . W[:, j]): a matrix product instead of a [B, c, h] pass
+        linear = (v * pre).sum(-1, keepdim=True) + d * (v @ w.T)
+        return linear - _softplus_sum(flipped)
+    return bernoulli_log_prob(v[:, None, :], net.tail(flipped))
+
+
 @torch.no_grad()
 def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
-                max_elements: int = 1 << 24) -> list[Tensor]:
+                max_elements: int = 1 << 21) -> list[Tensor]:
     """Same values as :func:`flip_deltas_reference`, at element-wise cost.
 
-    Memory: temporaries of at most about ``max_elements`` entries per chunk of flipped units.
+    Memory: temporaries of about ``max_elements`` entries per chunk of flipped units. The default
+    (8 MB in float32) keeps chunks in cache and below glibc's mmap threshold, so their memory is
+    reused from step to step instead of being faulted in afresh.
     """
     L, B = model.n_layers, x.shape[0]
     below = [x] + zs                                              # below[k] = z_k
@@ -97,11 +116,10 @@ def _branch(model: SBN, below, lus, p_pre, q_pre, logp, ent, prior, l: int, d: T
     """Delta for flipping units start..start+c-1 of layer l, ``[B, c]``."""
     L = model.n_layers
     c = d.shape[1]
+    j = torch.arange(c, device=d.device)
     # log p(z_{l-1} | z'_l): rank-1 update of the first affine map of p_l
-    w = model.p_nets[l - 1].first.weight[:, start:start + c].T   # [c, h]
-    pre = torch.addcmul(p_pre[l - 1][:, None, :], d[:, :, None], w[None])          # [B, c, h]
-    delta = bernoulli_log_prob(below[l - 1][:, None, :], model.p_nets[l - 1].tail(pre)) - logp[l - 1][:, None]
-    parent = _flip_layer(below[l], d, start)                       # z'_l, [B, c, H_l]
+    delta = _log_prob_rank1(model.p_nets[l - 1], below[l - 1], p_pre[l - 1], d, start) - logp[l - 1][:, None]
+    parent = None                                                  # z'_{k-1} as [B, c, H], when materialized
     for k in range(l + 1, L + 1):                                  # re-simulate z'_k with the same uniforms
         net = model.q_nets[k - 1]
         if k == l + 1:                                             # rank-1 update again
@@ -111,7 +129,12 @@ def _branch(model: SBN, below, lus, p_pre, q_pre, logp, ent, prior, l: int, d: T
             q_logits = net(parent)
         delta += bernoulli_entropy(q_logits) - ent[k - 1][:, None]
         z_k = threshold(lus[k - 1][:, None, :], q_logits)          # [B, c, H_k]
-        delta += bernoulli_log_prob(parent, model.p_nets[k - 1](z_k)) - logp[k - 1][:, None]
+        p_logits = model.p_nets[k - 1](z_k)                        # [B, c, H_{k-1}]
+        if parent is None:   # z'_l differs from z_l in unit start + j only
+            vdot = (p_logits * below[l][:, None, :]).sum(-1) + d * p_logits[:, j, start + j]
+            delta += vdot - _softplus_sum(p_logits) - logp[k - 1][:, None]
+        else:
+            delta += bernoulli_log_prob(parent, p_logits) - logp[k - 1][:, None]
         parent = z_k
     if l == L:   # only unit i of the prior changes: (z' - z) * b_i
         delta += d * model.prior_logits[start:start + c]
@@ -129,7 +152,7 @@ class Marginal(Estimator):
         implementation: ``"fast"`` (rank-1 updates, :func:`flip_deltas`) or ``"reference"``.
     """
 
-    def __init__(self, model: SBN | None = None, max_elements: int = 1 << 24, implementation: str = "fast"):
+    def __init__(self, model: SBN | None = None, max_elements: int = 1 << 21, implementation: str = "fast"):
         super().__init__(model)
         if implementation not in ("fast", "reference"):
             raise ValueError(f"implementation must be 'fast' or 'reference', got {implementation!r}")
