@@ -20,9 +20,53 @@ from .paths import config_dir  # noqa: E402
 log = logging.getLogger("sbn_train")
 
 
-def run_name(override_dirname: str) -> str:
-    """Folder name of a run: its overrides (``estimator=marginal,optim.lr=0.001``), or ``default``."""
-    name = override_dirname.replace("/", "_").replace(os.sep, "_")
+#: overrides that do not change what a run computes, left out of its folder name
+NAME_EXCLUDE = ("train.resume", "train.overwrite", "train.progress", "device")
+_SWEEP_FUNCTIONS = ("range(", "choice(", "glob(", "interval(", "tag(", "sort(", "shuffle(")
+
+
+def _is_sweep(value: str) -> bool:
+    """True for Hydra sweep syntax: a top-level comma (``a,b``) or a sweep function (``range(1,3)``)."""
+    if value.startswith(_SWEEP_FUNCTIONS):
+        return True
+    depth, quote = 0, None
+    for ch in value:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return True
+    return False
+
+
+def swept_keys(argv: list[str]) -> set[str]:
+    keys = set()
+    for arg in argv:
+        if "=" in arg and not arg.startswith("-"):
+            key, value = arg.split("=", 1)
+            if _is_sweep(value):
+                keys.add(key.lstrip("+~"))
+    return keys
+
+
+def run_name(task_overrides) -> str:
+    """Folder (and TensorBoard run) name: the run's overrides, e.g. ``estimator=marginal,optim.lr=0.001``.
+
+    In a sweep started from this process's command line only the swept keys name the run; a run with
+    no overrides is ``default``. The same command always maps to the same folder (see train.resume).
+    """
+    items = [str(o) for o in task_overrides]
+    pairs = [(o.split("=", 1)[0].lstrip("+~"), o) for o in items if "=" in o]
+    pairs = [(k, o) for k, o in pairs if k not in NAME_EXCLUDE]
+    swept = swept_keys(sys.argv[1:]) if ("-m" in sys.argv or "--multirun" in sys.argv) else set()
+    if swept:
+        pairs = [(k, o) for k, o in pairs if k in swept] or pairs
+    name = ",".join(o.lstrip("+~") for _, o in sorted(pairs)).replace("/", "_")
     return name or "default"
 
 

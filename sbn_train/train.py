@@ -161,8 +161,8 @@ def prepare_folder(out_dir: Path, cfg: TrainConfig) -> Path | None:
     elif old and not cfg.overwrite:
         raise RunError(f"{out_dir} already holds a run. Continue it with train.resume=true, "
                        f"discard it with train.overwrite=true, or set hydra.run.dir=<another folder>")
-    for p in old + list(out_dir.glob("*.pt")):
-        p.unlink()
+    for p in set(old) | set(out_dir.glob("*.pt")):
+        p.unlink(missing_ok=True)
     return None
 
 

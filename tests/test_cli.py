@@ -1,0 +1,137 @@
+"""End-to-end: the real CLI in a subprocess, its TensorBoard events read back, bad input rejected."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sbn_train.config import register_configs, validate
+from sbn_train.paths import config_dir
+
+register_configs()
+
+SMALL = ["dataset=synthetic", "dataset.n_train=300", "dataset.n_valid=100", "dataset.n_test=100",
+         "model.latent_sizes=[8,8]", "train.batch_size=20", "eval.iwae_k=5", "train.progress=false"]
+
+
+def sbn_train(*args, cwd=None, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sbn_train.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def scalars(folder: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_every_group_option_composes():
+    groups = {g: sorted(p.stem for p in (config_dir() / g).glob("*.yaml"))
+              for g in ("dataset", "model", "estimator", "optim")}
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        for group, names in groups.items():
+            assert names, group
+            for name in names:
+                cfg = compose("config", overrides=[f"{group}={name}"])
+                validate(OmegaConf.to_object(cfg))
+
+
+def test_typo_fails_at_compose_time():
+    from hydra.errors import ConfigCompositionException
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        with pytest.raises(ConfigCompositionException):
+            compose("config", overrides=["train.batchsize=3"])
+        with pytest.raises(Exception, match="lr"):
+            compose("config", overrides=["optim.lr=fast"])
+
+
+def test_multirun_three_estimators(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = sbn_train("-m", "estimator=marginal,nvil,reinforce", *SMALL, "train.max_steps=40", "train.eval_every=20",
+                  "train.log_every=10", "variance.every=20", "variance.samples=5", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").exists())
+    names = [p.name for p in runs]
+    assert len(runs) == 3 and all(n.startswith("estimator=") for n in names), names
+    for run in runs:
+        s = scalars(run)
+        for tag in ("train/elbo", "valid/elbo", "valid/iwae5", "grad_var/inference", "grad_var/layer1",
+                    "grad_var/layer2", "grad_var/generative", "perf/step_time_ms"):
+            assert tag in s, (run.name, tag, sorted(s))
+            assert all(v == v and abs(v) < 1e30 for _, v in s[tag]), (run.name, tag)
+        assert [st for st, _ in s["valid/elbo"]] == [20, 40]
+        assert [st for st, _ in s["train/elbo"]] == [10, 20, 30, 40]
+        results = json.loads((run / "results.json").read_text())
+        assert results["step"] == 40 and results["metrics"]["valid/iwae5"] >= results["metrics"]["valid/elbo"] - 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["estimator=nope"], "Could not find 'estimator/nope'"),
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["optim.lr=0"], "optim.lr must be positive"),
+    (["optim.lr=-1e-3"], "optim.lr must be positive"),
+    (["train.batch_size=0"], "train.batch_size must be positive"),
+    (["model.latent_sizes=[]"], "model.latent_sizes must be a non-empty list"),
+    (["model.latent_sizes=[4,0]"], "model.latent_sizes must be a non-empty list"),
+    (["model.latent_sizes=[200,200]", "estimator=exact"], "at most 20 latent units"),
+    (["train.batch_size=100000"], "exceeds the 300 training examples"),
+    (["train.batchsize=3"], "batchsize"),
+    (["optim.lr=fast"], "optim.lr"),
+])
+def test_bad_input_short_error(tmp_path, args, message):
+    r = sbn_train(*SMALL, "train.max_steps=2", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_missing_and_corrupt_data(tmp_path):
+    data = tmp_path / "data"
+    r = sbn_train(*SMALL[4:], "dataset=omniglot", "dataset.download_timeout=2", f"dataset.data_dir={data}",
+                  f"hydra.run.dir={tmp_path / 'a'}")
+    assert r.returncode == 2 and "chardata.mat" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    raw = data / "omniglot" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "chardata.mat").write_bytes(b"not a matlab file" * 10)
+    r = sbn_train(*SMALL[4:], "dataset=omniglot", f"dataset.data_dir={data}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert r.returncode == 2 and "sbn-train: error:" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    args = [*SMALL, "train.max_steps=4", "train.eval_every=2", "variance.every=0", f"hydra.run.dir={tmp_path}"]
+    assert sbn_train(*args).returncode == 0
+    before = (tmp_path / "results.json").read_text()
+    r = sbn_train(*args)
+    assert r.returncode == 2 and "train.resume=true" in r.stderr
+    assert (tmp_path / "results.json").read_text() == before
+    assert sbn_train(*args, "train.overwrite=true").returncode == 0
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    common = [*SMALL, "train.max_steps=600", "train.eval_every=50", "train.log_every=10", "variance.every=100",
+              "variance.samples=3", "estimator=nvil"]
+    full = tmp_path / "full"
+    assert sbn_train(*common, f"hydra.run.dir={full}").returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sbn_train.cli", *common, f"hydra.run.dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    r = sbn_train(*common, f"hydra.run.dir={killed}", "train.resume=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.loads((full / "results.json").read_text())["metrics"]
+    b = json.loads((killed / "results.json").read_text())["metrics"]
+    assert a == b
+    assert scalars(full)["valid/elbo"] == scalars(killed)["valid/elbo"]
