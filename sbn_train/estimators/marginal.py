@@ -64,31 +64,93 @@ def _flip_layer(z: Tensor, d: Tensor, start: int) -> Tensor:
     return out
 
 
-def _softplus_sum(a: Tensor) -> Tensor:
-    return F.softplus(a).sum(-1)
+class Workspace:
+    """Scratch buffers reused across chunks and steps: fresh multi-megabyte temporaries for every
+    chunk cost page faults that, on a CPU, take as long as the arithmetic."""
+
+    def __init__(self):
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._bufs[name] = buf
+        return buf[:n].view(shape)
 
 
-def _log_prob_rank1(net, v: Tensor, pre: Tensor, d: Tensor, start: int) -> Tensor:
+_WORKSPACE = Workspace()
+
+
+def _sum_log_half_to_one(t: Tensor) -> Tensor:
+    """sum_j log(t_j) over the last dim for entries in [1/2, 1], destroying ``t``.
+
+    Multiplies halves in place up to four times, so each log covers a product of up to 16 entries
+    (>= 2^-16: no underflow) and 16x fewer logs are taken; log dominates the cost otherwise."""
+    for _ in range(4):
+        h = t.shape[-1]
+        if h % 2:
+            break
+        lo = t[..., : h // 2]
+        lo.mul_(t[..., h // 2:])
+        t = lo
+    return t.log_().sum(-1)
+
+
+def _softplus_sum(a: Tensor, tmp: Tensor, a_sum: Tensor | None = None) -> Tensor:
+    """sum_j softplus(a_j) over the last dim. ``tmp`` is scratch of a's shape and may be ``a`` itself (then
+    ``a`` is overwritten); ``a_sum`` is ``a.sum(-1)`` when the caller knows it without a pass.
+
+    softplus(a) = max(a, 0) - log(sigmoid(|a|)) and sum max(a, 0) = (sum a + sum |a|) / 2: exact for
+    every a (no overflow, no threshold, sigmoid(|a|) >= 1/2), in place over cache-sized chunks."""
+    s = a.sum(-1) if a_sum is None else a_sum.clone()
+    t = torch.abs(a, out=tmp)
+    s = s.add_(t.sum(-1)).mul_(0.5)
+    return s.sub_(_sum_log_half_to_one(t.sigmoid_()))
+
+
+def _entropy_sum(a: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
+    """sum_j H(Bernoulli(sigmoid(a_j))): with s = sigmoid(|a|), H = -log(s) + |a| (1 - s)."""
+    torch.abs(a, out=t1)
+    torch.sigmoid(t1, out=t2)
+    h = t1.sum(-1)
+    h.sub_(t1.mul_(t2).sum(-1))
+    return h.sub_(_sum_log_half_to_one(t2))
+
+
+def _rank1_pre(net, pre: Tensor, d: Tensor, start: int, out: Tensor) -> Tensor:
+    """Pre-activations of ``net.first`` after flipping input unit start + j: pre + d_j W[:, start + j]."""
+    w = net.first.weight[:, start:start + d.shape[1]].T                     # [c, h]
+    return torch.addcmul(pre[:, None, :], d[:, :, None], w[None], out=out)  # [B, c, h]
+
+
+def _log_prob_rank1(net, v: Tensor, pre: Tensor, d: Tensor, start: int, ws: Workspace) -> Tensor:
     """sum_j log Bern(v_j | logits'_j), ``[B, c]``, where logits' come from ``pre [B, h]`` (pre-activations of
     ``net.first`` at the sampled input) after flipping input unit start + j (``d [B, c]``)."""
-    w = net.first.weight[:, start:start + d.shape[1]].T                     # [c, h]
-    flipped = torch.addcmul(pre[:, None, :], d[:, :, None], w[None])         # [B, c, h]
+    shape = (d.shape[0], d.shape[1], pre.shape[1])
+    flipped = _rank1_pre(net, pre, d, start, ws.get("a", shape, pre))       # [B, c, h]
     if net.is_linear:
-        # v . logits' = v . pre + d_j (v . W[:, j]): a matrix product instead of a [B, c, h] pass
-        linear = (v * pre).sum(-1, keepdim=True) + d * (v @ w.T)
-        return linear - _softplus_sum(flipped)
+        # sums of logits' against v and against 1 are matrix products, not [B, c, h] passes:
+        # v . logits' = v . pre + d_j (v . W[:, j]),  1 . logits' = 1 . pre + d_j (1 . W[:, j])
+        w = net.first.weight[:, start:start + d.shape[1]]                   # [h, c]
+        linear = (v * pre).sum(-1, keepdim=True) + d * (v @ w)
+        total = pre.sum(-1, keepdim=True) + d * w.sum(0)
+        return linear - _softplus_sum(flipped, flipped, a_sum=total)
     return bernoulli_log_prob(v[:, None, :], net.tail(flipped))
 
 
 @torch.no_grad()
 def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
-                max_elements: int = 1 << 21) -> list[Tensor]:
+                max_elements: int = 1 << 21, workspace: Workspace | None = None) -> list[Tensor]:
     """Same values as :func:`flip_deltas_reference`, at element-wise cost.
 
-    Memory: temporaries of about ``max_elements`` entries per chunk of flipped units. The default
-    (8 MB in float32) keeps chunks in cache and below glibc's mmap threshold, so their memory is
-    reused from step to step instead of being faulted in afresh.
+    Memory: a few scratch buffers of about ``max_elements`` entries each (8 MB in float32 by
+    default: cache-sized chunks of flipped units), reused from chunk to chunk and step to step.
     """
+    ws = workspace or _WORKSPACE
     L, B = model.n_layers, x.shape[0]
     below = [x] + zs                                              # below[k] = z_k
     lus = [logit_of_uniform(u) for u in uniforms]                 # lus[k-1]: layer k
@@ -107,39 +169,46 @@ def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
         out = torch.empty_like(d)
         for s in range(0, H, chunk):
             e = min(H, s + chunk)
-            out[:, s:e] = _branch(model, below, lus, p_pre, q_pre, logp, ent, prior, l, d[:, s:e], s)
+            out[:, s:e] = _branch(model, below, lus, p_pre, q_pre, logp, ent, prior, l, d[:, s:e], s, ws)
         deltas.append(out)
     return deltas
 
 
-def _branch(model: SBN, below, lus, p_pre, q_pre, logp, ent, prior, l: int, d: Tensor, start: int) -> Tensor:
+def _branch(model: SBN, below, lus, p_pre, q_pre, logp, ent, prior, l: int, d: Tensor, start: int,
+            ws: Workspace) -> Tensor:
     """Delta for flipping units start..start+c-1 of layer l, ``[B, c]``."""
     L = model.n_layers
-    c = d.shape[1]
+    B, c = d.shape
     j = torch.arange(c, device=d.device)
     # log p(z_{l-1} | z'_l): rank-1 update of the first affine map of p_l
-    delta = _log_prob_rank1(model.p_nets[l - 1], below[l - 1], p_pre[l - 1], d, start) - logp[l - 1][:, None]
+    delta = _log_prob_rank1(model.p_nets[l - 1], below[l - 1], p_pre[l - 1], d, start, ws) - logp[l - 1][:, None]
     parent = None                                                  # z'_{k-1} as [B, c, H], when materialized
     for k in range(l + 1, L + 1):                                  # re-simulate z'_k with the same uniforms
-        net = model.q_nets[k - 1]
+        net, H_k, H_below = model.q_nets[k - 1], model.sizes[k], model.sizes[k - 1]
         if k == l + 1:                                             # rank-1 update again
-            wq = net.first.weight[:, start:start + c].T            # [c, H_k]
-            q_logits = net.tail(torch.addcmul(q_pre[k - 1][:, None, :], d[:, :, None], wq[None]))
+            q_logits = net.tail(_rank1_pre(net, q_pre[k - 1], d, start, ws.get("a", (B, c, net.first.out_features), d)))
         else:
             q_logits = net(parent)
-        delta += bernoulli_entropy(q_logits) - ent[k - 1][:, None]
-        z_k = threshold(lus[k - 1][:, None, :], q_logits)          # [B, c, H_k]
-        p_logits = model.p_nets[k - 1](z_k)                        # [B, c, H_{k-1}]
-        if parent is None:   # z'_l differs from z_l in unit start + j only
-            vdot = (p_logits * below[l][:, None, :]).sum(-1) + d * p_logits[:, j, start + j]
-            delta += vdot - _softplus_sum(p_logits) - logp[k - 1][:, None]
+        delta += _entropy_sum(q_logits, ws.get("b", q_logits.shape, d), ws.get("c", q_logits.shape, d)) \
+            - ent[k - 1][:, None]
+        z_k = torch.lt(lus[k - 1][:, None, :], q_logits, out=ws.get(f"z{k % 2}", q_logits.shape, d))  # [B, c, H_k]
+        p_net = model.p_nets[k - 1]
+        if p_net.is_linear:
+            p_logits = torch.addmm(p_net.first.bias, z_k.view(-1, H_k), p_net.first.weight.T,
+                                   out=ws.get("a", (B * c, H_below), d)).view(B, c, H_below)
         else:
-            delta += bernoulli_log_prob(parent, p_logits) - logp[k - 1][:, None]
+            p_logits = p_net(z_k)                                  # [B, c, H_{k-1}]
+        if parent is None:   # z'_l differs from z_l in unit start + j only
+            vdot = torch.bmm(p_logits, below[l][:, :, None]).squeeze(-1) + d * p_logits[:, j, start + j]
+        else:
+            vdot = torch.mul(p_logits, parent, out=ws.get("b", p_logits.shape, d)).sum(-1)
+        delta += vdot - _softplus_sum(p_logits, ws.get("c", p_logits.shape, d)) - logp[k - 1][:, None]
         parent = z_k
     if l == L:   # only unit i of the prior changes: (z' - z) * b_i
         delta += d * model.prior_logits[start:start + c]
     else:
-        delta += bernoulli_log_prob(parent, model.prior_logits) - prior[:, None]
+        b = model.prior_logits
+        delta += parent @ b - F.softplus(b).sum() - prior[:, None]
     return delta
 
 
@@ -150,16 +219,22 @@ class Marginal(Estimator):
     Args:
         max_elements: bound on the size of per-chunk temporaries (memory ~ 4 bytes x this x a few).
         implementation: ``"fast"`` (rank-1 updates, :func:`flip_deltas`) or ``"reference"``.
+        n_samples: K independent noise draws per example; the estimate (and the reported ELBO) is the
+            mean of the K single-draw estimates, so it stays unbiased with K times less variance.
     """
 
-    def __init__(self, model: SBN | None = None, max_elements: int = 1 << 21, implementation: str = "fast"):
+    def __init__(self, model: SBN | None = None, max_elements: int = 1 << 21, implementation: str = "fast",
+                 n_samples: int = 1):
         super().__init__(model)
         if implementation not in ("fast", "reference"):
             raise ValueError(f"implementation must be 'fast' or 'reference', got {implementation!r}")
         if max_elements <= 0:
             raise ValueError(f"max_elements must be positive, got {max_elements}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self.max_elements = int(max_elements)
         self.implementation = implementation
+        self.n_samples = int(n_samples)
 
     def deltas(self, model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor]) -> list[Tensor]:
         if self.implementation == "reference":
@@ -167,6 +242,8 @@ class Marginal(Estimator):
         return flip_deltas(model, x, zs, uniforms, self.max_elements)
 
     def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
+        B, K = x.shape[0], self.n_samples
+        x = x.repeat(K, 1) if K > 1 else x                      # [K*B, D], sample-major
         uniforms = model.draw_uniforms(x.shape[0], generator, x.device, x.dtype)
         zs = model.sample_q(x, uniforms)
         deltas = self.deltas(model, x, zs, uniforms)
@@ -179,5 +256,6 @@ class Marginal(Estimator):
             objective = objective + bernoulli_entropy(logits) + (torch.sigmoid(logits) * ((1 - 2 * z) * delta)).sum(-1)
         with torch.no_grad():
             log_q = sum(bernoulli_log_prob(z, lg) for z, lg in zip(zs, q_logits))
-            elbo = torch.stack(log_p).sum(0) - log_q
+            elbo = (torch.stack(log_p).sum(0) - log_q).view(K, B).mean(0)
+        # the mean over K*B rows is the mean over the K draws of the batch-mean objective
         return Estimate(surrogate=-objective.mean(), elbo=elbo.detach())

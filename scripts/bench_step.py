@@ -1,0 +1,225 @@
+"""Time training steps of several estimators side by side, in one process, on real MNIST batches.
+
+    python scripts/bench_step.py                               # sbn_2layer, batch 100: the headline
+    python scripts/bench_step.py --models sbn_2layer,sbn_4layer,sbn_nonlinear
+    python scripts/bench_step.py --estimators reinforce,nvil,marginal,muprop
+    python scripts/bench_step.py --scaling                     # marginal vs batch size and layer width
+
+Each round runs one step of every estimator in turn (interleaved, so machine noise hits all alike);
+medians over rounds are printed for the estimator call (forward: sampling, the estimator's own work),
+backward, the optimizer step (the same RMSprop for all) and the whole step. ``marginal_reference`` is
+the brute-force marginal estimator (B*H_l flipped rows through full layers). Peak extra memory is
+measured in a fresh subprocess per estimator: peak resident memory during 3 steps minus resident
+memory before them (CPU: /proc VmHWM after resetting it; CUDA: max_memory_allocated).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")   # as the CLI does; see sbn_train/cli.py
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sbn_train.estimators import build_estimator  # noqa: E402
+from sbn_train.models import SBN  # noqa: E402
+from sbn_train.paths import config_dir  # noqa: E402
+
+PAPER_BATCH = {"sbn_1layer": 100, "sbn_2layer": 100, "sbn_4layer": 100, "sbn_nonlinear": 20}
+
+
+def model_spec(name: str) -> tuple[list[int], int]:
+    cfg = OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
+    return list(cfg.latent_sizes), int(cfg.get("n_hidden", 0))
+
+
+def load_images(kind: str, device: torch.device) -> torch.Tensor:
+    if kind == "mnist":
+        from sbn_train.data import load_dataset
+        data_dir = os.environ.get("SBN_TRAIN_DATA", "~/.cache/sbn-train")
+        return load_dataset("mnist", data_dir=data_dir).train.to(device)
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(5000, 784, generator=g).to(device)
+
+
+def make(est_name: str, sizes: list[int], n_hidden: int, x_mean: torch.Tensor, device: torch.device):
+    torch.manual_seed(0)
+    model = SBN(x_mean.numel(), sizes, n_hidden, x_mean=x_mean).to(device)
+    if est_name == "marginal_reference":
+        est = build_estimator("marginal", model, implementation="reference")
+    else:
+        est = build_estimator(est_name, model)
+    est = est.to(device)
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8)
+    est_params = [p for p in est.parameters() if p.requires_grad]
+    est_opt = torch.optim.RMSprop(est_params, lr=1e-4) if est_params else None
+    return model, est, opt, est_opt, est_params
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(model, est, opt, est_opt, est_params, x, gen, device) -> tuple[float, float, float]:
+    """(estimator call, backward, optimizer) seconds for one step, as in sbn_train.train.train_step."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = est(model, x, gen)
+    sync(device)
+    t1 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    if est_opt is not None and out.aux_loss is not None:
+        grads = torch.autograd.grad(out.aux_loss, est_params, retain_graph=True, allow_unused=True)
+        for p, g in zip(est_params, grads):
+            p.grad = g
+    out.surrogate.backward(inputs=list(model.parameters()))
+    sync(device)
+    t2 = time.perf_counter()
+    opt.step()
+    if est_opt is not None and out.aux_loss is not None:
+        est_opt.step()
+    sync(device)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def batches(images: torch.Tensor, batch: int, seed: int):
+    g = torch.Generator(device=images.device).manual_seed(seed)
+    while True:
+        idx = torch.randint(images.shape[0], (batch,), generator=g, device=images.device)
+        yield (torch.rand(batch, images.shape[1], generator=g, device=images.device) < images[idx]).float()
+
+
+def time_estimators(names, sizes, n_hidden, batch, rounds, images, device, slow_rounds) -> dict:
+    x_mean = images.mean(0)
+    setups = {n: make(n, sizes, n_hidden, x_mean, device) for n in names}
+    gens = {n: torch.Generator(device=device).manual_seed(1) for n in names}
+    data = batches(images, batch, 2)
+    times = {n: [] for n in names}
+    for r in range(rounds + 2):                                   # 2 warm-up rounds
+        x = next(data)
+        for n in names:
+            if n == "marginal_reference" and r >= slow_rounds + 2:
+                continue
+            t = timed_step(*setups[n][:3], setups[n][3], setups[n][4], x, gens[n], device)
+            if r >= 2:
+                times[n].append(t)
+    return {n: [statistics.median(col) * 1e3 for col in zip(*ts)] + [statistics.median(map(sum, ts)) * 1e3]
+            for n, ts in times.items()}
+
+
+def peak_memory_mb(est: str, model: str, batch: int, device: str, data: str, sizes: str | None = None) -> float:
+    cmd = [sys.executable, __file__, "--_memory", est, "--models", model, "--batch", str(batch), "--threads", "1",
+           "--device", device, "--data", data]
+    if sizes:
+        cmd += ["--_sizes", sizes]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def memory_child(args) -> None:
+    device = torch.device(args.device)
+    images = load_images(args.data, device)
+    sizes, n_hidden = model_spec(args.models)
+    if args._sizes:
+        sizes = [int(s) for s in args._sizes.split(",")]
+    model, est, opt, est_opt, est_params = make(args._memory, sizes, n_hidden, images.mean(0), device)
+    x = next(batches(images, args.batch, 2))
+    gen = torch.Generator(device=device).manual_seed(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")            # reset the peak (VmHWM) to the current RSS
+    for _ in range(3):
+        timed_step(model, est, opt, est_opt, est_params, x, gen, device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
+    print((peak - base) / 2 ** 20)
+
+
+def headline(args, device, images) -> None:
+    names = args.estimators.split(",")
+    for model_name in args.models.split(","):
+        sizes, n_hidden = model_spec(model_name)
+        batch = args.batch or PAPER_BATCH.get(model_name, 100)
+        res = time_estimators(names, sizes, n_hidden, batch, args.rounds, images, device, args.slow_rounds)
+        mem = {n: peak_memory_mb(n, model_name, batch, args.device, args.data) for n in names} if args.memory else {}
+        base = res.get("reinforce", [None] * 4)[3]
+        print(f"\n## {model_name} (latent {sizes}, n_hidden {n_hidden}), batch {batch}, {device}")
+        print(f"{'estimator':<20}{'forward':>10}{'backward':>10}{'optim':>8}{'step ms':>10}{'/reinforce':>12}"
+              f"{'peak extra MB':>15}")
+        for n in names:
+            f, b, o, tot = res[n]
+            ratio = f"{tot / base:.1f}" if base else "-"
+            print(f"{n:<20}{f:>10.2f}{b:>10.2f}{o:>8.2f}{tot:>10.2f}{ratio:>12}{mem.get(n, float('nan')):>15.1f}")
+        step = {n: r[3] for n, r in res.items()}
+        if "marginal" in step and "nvil" in step:
+            print(f"ratio marginal/nvil = {step['marginal'] / step['nvil']:.2f}")
+        if "marginal" in step and "marginal_reference" in step:
+            print(f"ratio marginal_reference/marginal = {step['marginal_reference'] / step['marginal']:.1f}")
+
+
+def scaling(args, device, images) -> None:
+    print("\n## marginal step vs batch size (sbn_2layer, latent [200, 200])")
+    print(f"{'batch':>6}{'step ms':>10}{'ms per 1k B*H*(D+H)':>22}{'peak extra MB':>15}")
+    for batch in (20, 100, 400, 1000):
+        t = time_estimators(["marginal"], [200, 200], 0, batch, args.rounds, images, device, 0)["marginal"][3]
+        mem = peak_memory_mb("marginal", "sbn_2layer", batch, args.device, args.data) if args.memory else float("nan")
+        work = batch * 200 * (784 + 200) / 1e3
+        print(f"{batch:>6}{t:>10.2f}{t / work:>22.5f}{mem:>15.1f}")
+    print("\n## marginal step vs layer width (two layers of width H, batch 100)")
+    print(f"{'H':>6}{'step ms':>10}{'ms per 1k B*H*(D+H)':>22}")
+    for h in (50, 200, 500):
+        t = time_estimators(["marginal"], [h, h], 0, 100, args.rounds, images, device, 0)["marginal"][3]
+        print(f"{h:>6}{t:>10.2f}{t / (100 * h * (784 + h) / 1e3):>22.5f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="sbn_2layer")
+    ap.add_argument("--estimators", default="reinforce,nvil,marginal,marginal_reference")
+    ap.add_argument("--batch", type=int, default=0, help="0: the paper's batch size for the model")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--slow-rounds", type=int, default=3, help="rounds for marginal_reference")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", default="mnist", choices=["mnist", "random"])
+    ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--_memory", help=argparse.SUPPRESS)
+    ap.add_argument("--_sizes", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._memory:
+        return memory_child(args)
+    device = torch.device(args.device)
+    cap = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, device {device}, CPU capability {cap}, threads {torch.get_num_threads()}")
+    images = load_images(args.data, device)
+    if args.scaling:
+        scaling(args, device, images)
+    else:
+        headline(args, device, images)
+
+
+if __name__ == "__main__":
+    main()
