@@ -1,9 +1,11 @@
 """``sbn-train``: the only place that sees a DictConfig. It builds typed objects and calls train.run."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 # The 2.14 CPU build's AVX-512 log1p (softplus, logsigmoid) is several times slower than its AVX2 one;
 # must be set before torch is imported. An explicit setting by the user wins.
@@ -54,21 +56,39 @@ def swept_keys(argv: list[str]) -> set[str]:
     return keys
 
 
-def run_name(task_overrides) -> str:
+def run_name(task_overrides, _root_=None) -> str:
     """Folder (and TensorBoard run) name: the run's overrides, e.g. ``estimator=marginal,optim.lr=0.001``.
 
-    In a sweep started from this process's command line only the swept keys name the run; a run with
-    no overrides is ``default``. The same command always maps to the same folder (see train.resume).
+    In a sweep only the swept keys name the run: those swept on this process's command line and those of
+    ``hydra.sweeper.params`` (e.g. set by an ``experiment=`` file); a run with no overrides is ``default``.
+    The same command always maps to the same folder (see train.resume).
     """
     items = [str(o) for o in task_overrides]
     pairs = [(o.split("=", 1)[0].lstrip("+~"), o) for o in items if "=" in o]
     pairs = [(k, o) for k, o in pairs if k not in NAME_EXCLUDE]
-    swept = swept_keys(sys.argv[1:]) if ("-m" in sys.argv or "--multirun" in sys.argv) else set()
+    swept: set[str] = set()
+    if _root_ is not None:
+        multirun = str(OmegaConf.select(_root_, "hydra.mode", default=None)) == "RunMode.MULTIRUN"
+    else:
+        multirun = SWEPT_ENV in os.environ
+    if multirun:
+        swept = {k for k in os.environ.get(SWEPT_ENV, "").split(",") if k} | _config_swept_keys(_root_)
     if swept:
         pairs = [(k, o) for k, o in pairs if k in swept] or pairs
     name = ",".join(o.lstrip("+~") for _, o in sorted(pairs)).replace("/", "_")
     return name or "default"
 
+
+def _config_swept_keys(root) -> set[str]:
+    params = OmegaConf.select(root, "hydra.sweeper.params", default=None) if root is not None else None
+    return {str(k).lstrip("+~") for k in params} if params else set()
+
+
+#: the keys swept on the command line of the process that started a multirun, for the run names of its jobs
+#: (set here, in that process; launchers that run jobs in other processes, e.g. joblib, inherit it)
+SWEPT_ENV = "SBN_TRAIN_SWEPT_KEYS"
+if Path(sys.argv[0]).name in ("sbn-train", "cli.py") and ("-m" in sys.argv or "--multirun" in sys.argv):
+    os.environ[SWEPT_ENV] = ",".join(sorted(swept_keys(sys.argv[1:])))
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 register_configs()
@@ -100,12 +120,14 @@ def main_task(cfg: DictConfig) -> dict:
     model = SBN(train.shape[1], typed.model.latent_sizes, typed.model.n_hidden, x_mean=train.mean(0)).to(device)
     estimator = estimator_from_config(OmegaConf.to_container(cfg.estimator, resolve=True), model).to(device)
     hparams = {"estimator": choices.get("estimator"), "model": choices.get("model"),
-               "dataset": choices.get("dataset"), "optim": typed.optim.name, "lr": typed.optim.lr,
+               "dataset": choices.get("dataset"), "experiment": choices.get("experiment") or "",
+               "optim": typed.optim.name, "lr": typed.optim.lr,
                "weight_decay": typed.optim.weight_decay, "batch_size": typed.train.batch_size,
-               "latent_sizes": str(typed.model.latent_sizes), "seed": typed.seed}
+               "max_steps": typed.train.max_steps, "latent_sizes": str(typed.model.latent_sizes),
+               "n_hidden": typed.model.n_hidden, "seed": typed.seed}
     log.info("run folder: %s", out_dir)
     result = run(model, estimator, splits, typed.train, typed.optim, typed.eval, typed.variance, out_dir,
-                 typed.seed, hparams)
+                 typed.seed, hparams, test_cfg=typed.test)
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics
@@ -118,15 +140,30 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def main(cfg: DictConfig):
+def main(cfg: DictConfig) -> float:
+    """Returns the run's best validation bound (the objective of the lr_search sweeper)."""
     try:
-        return main_task(cfg)
-    except _expected_errors() as e:
+        return float(main_task(cfg)["best/valid"])
+    except Exception as e:
+        _record_failure(e)
+        if not isinstance(e, _expected_errors()):
+            raise
         # short, actionable message instead of a traceback
         print(f"sbn-train: error: {e}", file=sys.stderr)
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise   # Hydra records the failed job and goes on with the sweep
         sys.exit(2)
+
+
+def _record_failure(e: Exception) -> None:
+    """``failed.json`` in the run folder, so that reports list the run as failed and say why."""
+    from .train import FAILED
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / FAILED).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2))
+    except Exception:  # noqa: BLE001 - reporting a failure must not hide it
+        log.exception("could not record the failure")
 
 
 if __name__ == "__main__":

@@ -42,16 +42,40 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 500
+    """Periodic evaluation (every ``train.eval_every`` steps) on the training and validation splits."""
+    batch_size: int = 500        # data rows per chunk
     limit: Optional[int] = None  # evaluate on the first `limit` validation rows (None: all)
+    train_split: bool = True     # also evaluate the training split (train/elbo_eval, train/iwae{K})
+    train_limit: Optional[int] = 10000   # ... on its first `train_limit` rows (None: all)
     iwae_k: int = 50             # samples of the importance-weighted bound (0: skip)
     seed: int = 1234             # fixed binarization / sampling seed for evaluation
+    max_rows: int = 65536        # bound on the rows (data x samples) processed at once
+    images: int = 64             # data / sample / reconstruction images per TensorBoard grid (0: none)
+
+
+@dataclass
+class TestConfig:
+    """The final evaluation of the best model (``best.pt``) on the test split."""
+    __test__ = False             # not a pytest test class
+    enabled: bool = True
+    batch_size: int = 100        # data rows per chunk
+    limit: Optional[int] = None  # the first `limit` test rows (None: all)
+    elbo_samples: int = 100      # ELBO averaged over this many samples per example (the paper: 50,000)
+    iwae_k: int = 1000           # K of the importance-weighted bound (the paper: 50,000)
+    seed: int = 4321
+    max_rows: int = 65536        # bound on the rows (data x samples) processed at once
+
+
+#: views of the gradient-variance probe
+VARIANCE_VIEWS = ("minibatch", "latent", "exact")
 
 
 @dataclass
 class VarianceConfig:
     every: int = 2000            # 0: never
-    samples: int = 100           # M independent estimates (the paper: 1000)
+    samples: int = 100           # M independent estimates per view (the paper: 1000)
+    views: list[str] = field(default_factory=lambda: list(VARIANCE_VIEWS))
+    exact_max_latents: int = 12  # the "exact" view runs only for models with at most this many latent units
 
 
 @dataclass
@@ -62,6 +86,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    test: TestConfig = field(default_factory=TestConfig)
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | cuda:N
@@ -90,9 +115,26 @@ def validate(cfg: Config) -> None:
     _positive("eval.iwae_k", cfg.eval.iwae_k, allow_zero=True)
     if cfg.eval.limit is not None:
         _positive("eval.limit", cfg.eval.limit)
+    if cfg.eval.train_limit is not None:
+        _positive("eval.train_limit", cfg.eval.train_limit)
+    _positive("eval.max_rows", cfg.eval.max_rows)
+    _positive("eval.images", cfg.eval.images, allow_zero=True)
+    _positive("test.batch_size", cfg.test.batch_size)
+    if cfg.test.limit is not None:
+        _positive("test.limit", cfg.test.limit)
+    _positive("test.elbo_samples", cfg.test.elbo_samples)
+    _positive("test.iwae_k", cfg.test.iwae_k)
+    _positive("test.max_rows", cfg.test.max_rows)
     _positive("variance.every", cfg.variance.every, allow_zero=True)
     if cfg.variance.every and cfg.variance.samples < 2:
         raise ConfigError(f"variance.samples must be >= 2 to estimate a variance, got {cfg.variance.samples}")
+    bad = [v for v in cfg.variance.views if v not in VARIANCE_VIEWS]
+    if bad or len(set(cfg.variance.views)) != len(cfg.variance.views):
+        raise ConfigError(f"variance.views must be distinct names from {list(VARIANCE_VIEWS)}, "
+                          f"got {list(cfg.variance.views)}")
+    if not 0 <= cfg.variance.exact_max_latents <= 20:
+        raise ConfigError(f"variance.exact_max_latents must be in [0, 20] (2^N configurations are enumerated), "
+                          f"got {cfg.variance.exact_max_latents}")
     if cfg.train.resume and cfg.train.overwrite:
         raise ConfigError("train.resume and train.overwrite exclude each other; pick one")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

@@ -96,14 +96,19 @@ def gradient_samples(estimate_grad: Callable[[int], list[Tensor]], n: int) -> It
         yield estimate_grad(i)
 
 
-def gradient_variance(model: SBN, estimator, batches: Iterable[Tensor], generator: torch.Generator,
-                      params: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
-    """Mean over parameter elements of the unbiased variance of the estimator's gradient.
+def gradient_moments(model: SBN, estimator, batches: Iterable[Tensor], generator: torch.Generator,
+                     params: dict[str, list[torch.nn.Parameter]],
+                     reference: dict[torch.nn.Parameter, Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Per group of parameters, the mean over its elements of the gradient's unbiased variance, and, when
+    ``reference`` (the exact gradient of each parameter) is given, its squared bias and mean squared error.
 
-    ``batches`` supplies one minibatch per independent estimate (the paper's protocol uses M fresh
-    training minibatches; repeating one batch measures the latent noise alone). ``params`` maps a
-    metric name to the parameters it averages over. The estimator is put in eval mode (no state
-    updates) and restored; model ``.grad`` fields are not touched.
+    With M estimates g_1..g_M of an element whose exact value is g*, mean g-bar and unbiased variance s^2:
+        var  = s^2
+        mse  = (1/M) sum_m (g_m - g*)^2 = (g-bar - g*)^2 + (M-1)/M s^2      (unbiased for the MSE)
+        bias = (g-bar - g*)^2 - s^2 / M = mse - s^2                         (unbiased for the squared bias;
+               it can come out slightly negative by chance, and is zero in expectation for an unbiased estimator)
+    each averaged over the group's elements. One estimate per element of ``batches``; the estimator is put in
+    eval mode (no state updates) and restored; model and estimator ``.grad`` fields are not touched.
     """
     names = list(params)
     flat = [p for name in names for p in params[name]]
@@ -122,4 +127,30 @@ def gradient_variance(model: SBN, estimator, batches: Iterable[Tensor], generato
                 i += k
     finally:
         estimator.train(was_training)
-    return {name: float(s.variance().mean()) for name, s in stats.items()}
+    out: dict[str, dict[str, float]] = {}
+    for name, s in stats.items():
+        var = s.variance()
+        out[name] = {"var": float(var.mean())}
+        if reference is not None:
+            ref = torch.cat([reference[p].detach().reshape(-1).double() for p in params[name]])
+            mse = (s.mean - ref) ** 2 + s.m2 / s.n
+            out[name]["mse"] = float(mse.mean())
+            out[name]["bias"] = float((mse - var).mean())
+    return out
+
+
+def gradient_variance(model: SBN, estimator, batches: Iterable[Tensor], generator: torch.Generator,
+                      params: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """Mean over parameter elements of the unbiased variance of the estimator's gradient.
+
+    ``batches`` supplies one minibatch per independent estimate (the paper's protocol uses M fresh
+    training minibatches; repeating one batch measures the latent noise alone). ``params`` maps a
+    metric name to the parameters it averages over. The estimator is put in eval mode (no state
+    updates) and restored; model ``.grad`` fields are not touched.
+    """
+    return {name: m["var"] for name, m in gradient_moments(model, estimator, batches, generator, params).items()}
+
+
+def exact_gradient_by_parameter(model: SBN, x: Tensor) -> dict[torch.nn.Parameter, Tensor]:
+    """:func:`exact_gradient` keyed by parameter."""
+    return dict(zip(model.parameters(), exact_gradient(model, x)))

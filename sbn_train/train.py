@@ -1,12 +1,28 @@
-"""The training loop: step, evaluate, measure gradient variance, checkpoint, log.
+"""The training loop: step, evaluate, measure gradient variance, checkpoint, test the best model, log.
 
 Metric names (TensorBoard tags) are an API:
     train/elbo                   mean single-sample ELBO of the training batches since the last log
-    valid/elbo, valid/iwae{K}    validation ELBO and K-sample importance-weighted bound (fixed-seed binarization)
-    grad_var/inference           mean over inference-net elements of the unbiased gradient variance
+    train/elbo_eval, train/iwae{K}   ELBO and K-sample bound on the first eval.train_limit training rows
+    valid/elbo, valid/iwae{K}    the same on (the first eval.limit rows of) the validation split (fixed-seed
+                                 binarization and sampling);
+                                 the model with the best valid/iwae{K} (valid/elbo if eval.iwae_k=0) is best.pt
+    test/elbo, test/iwae{K}      the best model on the test split: ELBO averaged over test.elbo_samples samples,
+                                 bound with K = test.iwae_k (logged once, at the last step)
+    grad_var/inference           the paper's protocol: M fresh training minibatches, one estimate each; mean over
+                                 inference-net elements of the unbiased gradient variance
     grad_var/layer{l}            the same over inference layer l's parameters
     grad_var/generative          the same over generative-net parameters
+    grad_var_latent/{inference,layer{l},generative}   one fixed minibatch, M draws of the estimator's noise
+    grad_bias/{inference,layer{l},generative}   mean over elements of the squared bias against the exact gradient
+    grad_mse/{inference,layer{l},generative}    mean over elements of the mean squared error against it
+                                 (both only for models with at most variance.exact_max_latents latent units)
+    estimator/*                  what the estimator reports (e.g. baseline statistics)
     perf/step_time_ms, perf/steps_per_s
+    images/data, images/samples, images/reconstructions   (image datasets only)
+and the custom-scalars layout (sbn_train.tb.LAYOUT) and the run's hyperparameters (hparams plugin).
+
+results.json holds the final step, status, the last value of every metric, the best model's step and
+validation metrics, test/* with their standard errors over test examples, and the hyperparameters.
 """
 from __future__ import annotations
 
@@ -15,17 +31,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import EvalConfig, OptimConfig, TrainConfig, VarianceConfig
+from . import tb
+from .config import EvalConfig, OptimConfig, TestConfig, TrainConfig, VarianceConfig
 from .data import Splits, binarize, eval_batches
-from .diagnostics import gradient_variance
 from .estimators import Estimator
+from .evaluation import measure_variance, split_bounds, summarize
 from .models import SBN
 
 log = logging.getLogger(__name__)
@@ -33,6 +50,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 RESULTS = "results.json"
+FAILED = "failed.json"       # written by the CLI when a run stops with an error
+#: scalar tags shown as metrics in the hparams table
+HPARAM_METRICS = ("train/", "valid/", "test/", "grad_var/inference")
 
 
 class RunError(RuntimeError):
@@ -75,41 +95,19 @@ class TrainSampler:
         self.pos = int(s["pos"])
 
 
-@torch.no_grad()
 def evaluate(model: SBN, data: Tensor, cfg: EvalConfig, prefix: str) -> dict[str, float]:
-    """ELBO and (if ``cfg.iwae_k``) the K-sample bound, averaged over ``data`` (first ``cfg.limit`` rows)."""
-    gen = torch.Generator(device=data.device).manual_seed(cfg.seed)
-    n, elbo, iwae = 0, 0.0, 0.0
-    for x in eval_batches(data, cfg.batch_size, cfg.seed, cfg.limit):
-        x = x.to(model.prior_logits.dtype)
-        elbo += float(model.elbo(x, gen).sum())
-        if cfg.iwae_k:
-            iwae += float(model.iwae_bound(x, cfg.iwae_k, gen).sum())
-        n += x.shape[0]
-    out = {f"{prefix}/elbo": elbo / n}
-    if cfg.iwae_k:
-        out[f"{prefix}/iwae{cfg.iwae_k}"] = iwae / n
-    return out
+    """Single-sample ELBO and (if ``cfg.iwae_k``) the K-sample bound, averaged over the first ``cfg.limit``
+    rows of ``data``: ``{prefix}/elbo`` and ``{prefix}/iwae{K}``."""
+    elbo, iwae = split_bounds(model, data, cfg.batch_size, cfg.limit, cfg.seed, 1, cfg.iwae_k, cfg.max_rows)
+    return summarize(prefix, elbo, iwae, cfg.iwae_k)
 
 
-def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size: int, samples: int,
-                     seed: int) -> dict[str, float]:
-    """The paper's protocol: ``samples`` fresh training minibatches, one estimate each.
-
-    Uses its own generator, so the training stream is the same whether or not this runs.
-    """
-    gen = torch.Generator(device=data.device).manual_seed(seed)
-
-    def batches():
-        for _ in range(samples):
-            idx = torch.randint(data.shape[0], (batch_size,), generator=gen, device=gen.device)
-            yield binarize(data[idx.to(data.device)], gen)
-
-    groups = {"grad_var/inference": model.inference_parameters(),
-              "grad_var/generative": model.generative_parameters()}
-    for l, net in enumerate(model.q_nets, start=1):
-        groups[f"grad_var/layer{l}"] = list(net.parameters())
-    return gradient_variance(model, estimator, batches(), gen, groups)
+def evaluate_test(model: SBN, data: Tensor, cfg: TestConfig) -> dict[str, float]:
+    """``test/elbo`` (averaged over ``cfg.elbo_samples``) and ``test/iwae{K}``, with standard errors over
+    the test examples (``test/elbo_se`` ...)."""
+    elbo, iwae = split_bounds(model, data, cfg.batch_size, cfg.limit, cfg.seed, cfg.elbo_samples, cfg.iwae_k,
+                              cfg.max_rows)
+    return summarize("test", elbo, iwae, cfg.iwae_k, with_se=True)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -166,10 +164,42 @@ def prepare_folder(out_dir: Path, cfg: TrainConfig) -> Path | None:
     return None
 
 
+def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
+    """The stored result of a run in ``out_dir`` that already reached ``cfg.max_steps``, else None."""
+    try:
+        results = json.loads((out_dir / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("status") != "finished" or int(results.get("step", -1)) != cfg.max_steps:
+        return None
+    return RunResult(step=int(results["step"]), metrics=results["metrics"], out_dir=str(out_dir))
+
+
+def _log(writer, values: dict[str, float], step: int) -> None:
+    for k, v in values.items():
+        writer.add_scalar(k, v, step)
+
+
+def _periodic_eval(model: SBN, splits: Splits, cfg: EvalConfig) -> dict[str, float]:
+    out = evaluate(model, splits.valid, cfg, "valid")
+    if cfg.train_split:
+        ev = evaluate(model, splits.train, replace(cfg, limit=cfg.train_limit), "train")
+        out["train/elbo_eval"] = ev.pop("train/elbo")      # train/elbo is the running training-batch ELBO
+        out.update(ev)
+    return out
+
+
+def _write_results(out_dir: Path, results: dict) -> None:
+    tmp = out_dir / (RESULTS + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out_dir / RESULTS)
+
+
 def run(model: SBN, estimator: Estimator, splits: Splits, train_cfg: TrainConfig, optim_cfg: OptimConfig,
         eval_cfg: EvalConfig, var_cfg: VarianceConfig, out_dir: str | Path, seed: int,
-        hparams: dict[str, Any] | None = None) -> RunResult:
-    """Train ``model`` with ``estimator`` and log to TensorBoard in ``out_dir``."""
+        hparams: dict[str, Any] | None = None, test_cfg: TestConfig | None = None) -> RunResult:
+    """Train ``model`` with ``estimator``, log to TensorBoard in ``out_dir``, then test the best model
+    (unless ``test_cfg`` is None or disabled) and write ``results.json``."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -177,13 +207,18 @@ def run(model: SBN, estimator: Estimator, splits: Splits, train_cfg: TrainConfig
     out_dir.mkdir(parents=True, exist_ok=True)
     device = model.prior_logits.device
     resume_from = prepare_folder(out_dir, train_cfg)
+    (out_dir / FAILED).unlink(missing_ok=True)
+    done = finished_result(out_dir, train_cfg) if resume_from is not None else None
+    if done is not None:
+        log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
+        return done
 
     model_opt = make_optimizer(list(model.parameters()), optim_cfg)
     est_params = [p for p in estimator.parameters() if p.requires_grad]
     est_opt = make_optimizer(est_params, optim_cfg) if est_params else None
     gen = torch.Generator(device=device).manual_seed(seed)     # the training stream: batches + estimator noise
     sampler = TrainSampler(splits.train, train_cfg.batch_size, gen)
-    step, best = 0, -math.inf
+    step, best, best_step = 0, -math.inf, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, device)
         model.load_state_dict(state["model"])
@@ -193,10 +228,15 @@ def run(model: SBN, estimator: Estimator, splits: Splits, train_cfg: TrainConfig
             est_opt.load_state_dict(state["est_opt"])
         gen.set_state(state["generator"].cpu())
         sampler.load_state_dict(state["sampler"])
-        step, best = int(state["step"]), float(state["best"])
+        step, best, best_step = int(state["step"]), float(state["best"]), int(state.get("best_step", 0))
         log.info("resumed from %s at step %d", resume_from, step)
 
     writer = SummaryWriter(str(out_dir), purge_step=step + 1 if step else None)
+    n_img = min(eval_cfg.images, splits.valid.shape[0])
+    img_x = next(eval_batches(splits.valid, max(n_img, 1), eval_cfg.seed, n_img)) if n_img else splits.valid[:0]
+    if step == 0:
+        tb.log_layout(writer)
+        tb.log_images(writer, model, img_x, splits.image_shape, 0, eval_cfg.seed, with_data=True)
     bar = tqdm(total=train_cfg.max_steps, initial=step, disable=not train_cfg.progress, dynamic_ncols=True,
                desc=out_dir.name[:40])
     metrics: dict[str, float] = {}
@@ -218,11 +258,8 @@ def run(model: SBN, estimator: Estimator, splits: Splits, train_cfg: TrainConfig
                     raise RunError(f"training diverged at step {step} (ELBO {train_elbo}); "
                                    f"lower optim.lr (now {optim_cfg.lr})")
                 dt = (time.perf_counter() - t_window) / n_window
-                writer.add_scalar("train/elbo", train_elbo, step)
-                writer.add_scalar("perf/step_time_ms", 1000 * dt, step)
-                writer.add_scalar("perf/steps_per_s", 1 / dt, step)
-                for k, v in est.metrics.items():
-                    writer.add_scalar(f"estimator/{k}", v, step)
+                _log(writer, {"train/elbo": train_elbo, "perf/step_time_ms": 1000 * dt, "perf/steps_per_s": 1 / dt,
+                              **{f"estimator/{k}": v for k, v in est.metrics.items()}}, step)
                 metrics["train/elbo"] = train_elbo
                 bar.set_postfix(elbo=f"{train_elbo:.2f}", refresh=False)
                 elbo_sum.zero_()
@@ -230,37 +267,49 @@ def run(model: SBN, estimator: Estimator, splits: Splits, train_cfg: TrainConfig
 
             if var_cfg.every and step % var_cfg.every == 0:
                 v = measure_variance(model, estimator, splits.train, train_cfg.batch_size, var_cfg.samples,
-                                     seed=(seed * 1_000_003 + step) % (2 ** 31))
-                for k, val in v.items():
-                    writer.add_scalar(k, val, step)
+                                     seed=(seed * 1_000_003 + step) % (2 ** 31), views=var_cfg.views,
+                                     exact_max_latents=var_cfg.exact_max_latents, fixed_seed=seed)
+                _log(writer, v, step)
                 metrics.update(v)
                 t_window, n_window = time.perf_counter(), 0
 
             if step % train_cfg.eval_every == 0 or step == train_cfg.max_steps:
-                ev = evaluate(model, splits.valid, eval_cfg, "valid")
-                for k, val in ev.items():
-                    writer.add_scalar(k, val, step)
+                ev = _periodic_eval(model, splits, eval_cfg)
+                _log(writer, ev, step)
+                tb.log_images(writer, model, img_x, splits.image_shape, step, eval_cfg.seed)
                 metrics.update(ev)
                 score = ev.get(f"valid/iwae{eval_cfg.iwae_k}", ev["valid/elbo"])
                 if score > best:
-                    best = score
+                    best, best_step = score, step
                     save_atomic({"model": model.state_dict(), "step": step, "metrics": dict(ev)}, out_dir / BEST)
                 save_atomic({"model": model.state_dict(), "estimator": estimator.state_dict(),
                              "model_opt": model_opt.state_dict(),
                              "est_opt": est_opt.state_dict() if est_opt is not None else None,
                              "generator": gen.get_state(), "sampler": sampler.state_dict(),
-                             "step": step, "best": best}, out_dir / CHECKPOINT)
+                             "step": step, "best": best, "best_step": best_step}, out_dir / CHECKPOINT)
                 writer.flush()
                 t_window, n_window = time.perf_counter(), 0
     finally:
         bar.close()
     metrics["best/valid"] = best
-    results = {"step": step, "metrics": metrics, "hparams": hparams or {}}
-    tmp = out_dir / (RESULTS + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, out_dir / RESULTS)
+    metrics["best/step"] = best_step
+    if test_cfg is not None and test_cfg.enabled:
+        metrics.update(_test_best_model(model, splits, test_cfg, out_dir, writer, step))
+    _write_results(out_dir, {"step": step, "status": "finished", "metrics": metrics, "hparams": hparams or {}})
     if hparams:
-        writer.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()},
-                           {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        tb.log_hparams(writer, hparams, [k for k in metrics if k.startswith(HPARAM_METRICS) and not k.endswith("_se")])
     writer.close()
     return RunResult(step=step, metrics=metrics, out_dir=str(out_dir))
+
+
+def _test_best_model(model: SBN, splits: Splits, cfg: TestConfig, out_dir: Path, writer, step: int) -> dict:
+    """Load ``best.pt`` into ``model`` (it stays there) and evaluate it on the test split."""
+    best = out_dir / BEST
+    if best.exists():
+        model.load_state_dict(load_checkpoint(best, model.prior_logits.device)["model"])
+    t0 = time.perf_counter()
+    out = evaluate_test(model, splits.test, cfg)
+    log.info("tested the best model in %.1f s: %s", time.perf_counter() - t0,
+             ", ".join(f"{k}={v:.4f}" for k, v in out.items()))
+    _log(writer, {k: v for k, v in out.items() if not k.endswith("_se")}, step)
+    return out

@@ -3,6 +3,10 @@ import torch
 
 from sbn_train.models import SBN
 
+# The tests use tiny models: one thread avoids OpenMP spin-waits that, on a busy 2-core machine,
+# make a small matrix product 50x slower with two threads than with one.
+torch.set_num_threads(1)
+
 
 def random_sbn(x_dim=5, latent_sizes=(3, 3), n_hidden=0, seed=0, scale=1.0) -> SBN:
     """A float64 SBN with random (not initial) parameters, so no symmetry hides a bug."""

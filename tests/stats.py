@@ -34,3 +34,16 @@ def unbiasedness_z(samples: torch.Tensor, exact: torch.Tensor) -> tuple[torch.Te
     live = se > 1e-12 * (1 + exact.abs())
     z = torch.where(live, (samples.mean(0) - exact).abs() / se.clamp_min(1e-300), torch.zeros_like(se))
     return z, live
+
+
+def randomize_estimator(est, seed=5):
+    """Random baseline / control-variate nets, temperatures, eta and moving averages, in eval mode:
+    unbiasedness must not depend on them."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in est.parameters():
+            p.normal_(0.0, 1.0)
+        for name, b in est.named_buffers():
+            if b.is_floating_point():
+                b.normal_(0.0, 3.0).abs_() if "var" in name else b.normal_(0.0, 3.0)
+    return est.eval()

@@ -17,12 +17,15 @@ from sbn_train.paths import config_dir
 register_configs()
 
 SMALL = ["dataset=synthetic", "dataset.n_train=300", "dataset.n_valid=100", "dataset.n_test=100",
-         "model.latent_sizes=[8,8]", "train.batch_size=20", "eval.iwae_k=5", "train.progress=false"]
+         "model.latent_sizes=[8,8]", "train.batch_size=20", "eval.iwae_k=5", "train.progress=false",
+         "test.elbo_samples=20", "test.iwae_k=100"]
+#: tiny models gain nothing from intra-op threads, and lose much when the cores are shared
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def sbn_train(*args, cwd=None, env=None, timeout=300):
+def sbn_train(*args, cwd=None, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "sbn_train.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+                          cwd=cwd, env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=timeout)
 
 
 def scalars(folder: Path) -> dict[str, list]:
@@ -30,6 +33,23 @@ def scalars(folder: Path) -> dict[str, list]:
     acc = EventAccumulator(str(folder))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def tensorboard_extras(folder: Path) -> dict:
+    """Image tags, the hparams plugin's hyperparameters and metric names, and the custom-scalars layout."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    acc = EventAccumulator(str(folder), size_guidance={"images": 1, "tensors": 0})
+    acc.Reload()
+    hp = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info
+    exp = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/experiment"]).experiment
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return {"images": sorted(acc.Tags()["images"]),
+            "hparams": {k: v.string_value or v.number_value for k, v in start.hparams.items()},
+            "metrics": [m.name.tag for m in exp.metric_infos],
+            "layout": [t for c in layout.category for ch in c.chart for t in ch.multiline.tag]}
 
 
 def test_every_group_option_composes():
@@ -41,6 +61,47 @@ def test_every_group_option_composes():
             for name in names:
                 cfg = compose("config", overrides=[f"{group}={name}"])
                 validate(OmegaConf.to_object(cfg))
+
+
+def test_every_experiment_composes():
+    """Every experiment= file with every model and estimator its sweep names (the paper's grid)."""
+    names = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+    assert {"paper", "paper_cpu"} <= set(names), names
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        for name in names:
+            cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+            grid = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
+            assert grid.get("estimator"), name
+            for model in grid.get("model", [cfg.hydra.runtime.choices.model]):
+                for estimator in grid["estimator"]:
+                    job = compose("config", overrides=[f"experiment={name}", f"model={model}",
+                                                       f"estimator={estimator}"])
+                    validate(OmegaConf.to_object(job))
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        paper = compose("config", overrides=["experiment=paper"], return_hydra_config=True)
+        assert sorted(str(paper.hydra.sweeper.params.estimator).split(",")) == sorted(
+            ["reinforce", "reinforce_ma", "nvil", "muprop", "leg", "marginal"])
+        assert paper.optim.name == "rmsprop" and paper.optim.weight_decay == 1e-3
+        assert paper.test.iwae_k == 50000 and paper.test.elbo_samples == 50000 and paper.variance.samples == 1000
+        for model, batch, steps in [("sbn_2layer", 100, 2_000_000), ("sbn_4layer", 100, 2_000_000),
+                                    ("sbn_nonlinear", 20, 5_000_000)]:
+            job = compose("config", overrides=["experiment=paper", f"model={model}"])
+            assert (job.train.batch_size, job.train.max_steps) == (batch, steps), model
+        assert compose("config").train.max_steps == 10000    # no experiment: no paper schedule
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("hydra/launcher=local", "hydra.launcher._target_", "JoblibLauncher"),
+    ("hydra/launcher=joblib", "hydra.launcher._target_", "JoblibLauncher"),
+    ("hydra/launcher=slurm", "hydra.launcher._target_", "SlurmLauncher"),
+    ("hydra/sweeper=lr_search", "hydra.sweeper._target_", "OptunaSweeper"),
+])
+def test_launcher_and_sweeper_configs_compose(override, key, value):
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose("config", overrides=[override], return_hydra_config=True)
+        assert value in OmegaConf.select(cfg, key)
+        if "lr_search" in override:
+            assert cfg.hydra.sweeper.direction == "maximize" and "optim.lr" in cfg.hydra.sweeper.params
 
 
 def test_typo_fails_at_compose_time():
@@ -62,14 +123,26 @@ def test_multirun_three_estimators(tmp_path):
     assert len(runs) == 3 and all(n.startswith("estimator=") for n in names), names
     for run in runs:
         s = scalars(run)
-        for tag in ("train/elbo", "valid/elbo", "valid/iwae5", "grad_var/inference", "grad_var/layer1",
-                    "grad_var/layer2", "grad_var/generative", "perf/step_time_ms"):
+        for tag in ("train/elbo", "valid/elbo", "valid/iwae5", "train/elbo_eval", "train/iwae5",
+                    "grad_var/inference", "grad_var/layer1", "grad_var/layer2", "grad_var/generative",
+                    "grad_var_latent/inference", "grad_var_latent/layer1", "grad_var_latent/layer2",
+                    "grad_var_latent/generative", "test/elbo", "test/iwae100", "perf/step_time_ms"):
             assert tag in s, (run.name, tag, sorted(s))
             assert all(v == v and abs(v) < 1e30 for _, v in s[tag]), (run.name, tag)
+        assert not any(t.startswith("grad_bias") for t in s)      # 16 latent units: above exact_max_latents
         assert [st for st, _ in s["valid/elbo"]] == [20, 40]
         assert [st for st, _ in s["train/elbo"]] == [10, 20, 30, 40]
+        assert [st for st, _ in s["test/elbo"]] == [40]
         results = json.loads((run / "results.json").read_text())
-        assert results["step"] == 40 and results["metrics"]["valid/iwae5"] >= results["metrics"]["valid/elbo"] - 5
+        m = results["metrics"]
+        assert results["step"] == 40 and results["status"] == "finished"
+        assert m["valid/iwae5"] >= m["valid/elbo"] - 5 and m["test/iwae100"] >= m["test/elbo"] - 5
+        assert m["test/elbo_se"] > 0 and m["best/step"] in (20, 40)
+        extras = tensorboard_extras(run)
+        assert extras["images"] == ["images/data", "images/reconstructions", "images/samples"]
+        assert extras["hparams"]["estimator"] == run.name.split("=", 1)[1]
+        assert {"test/elbo", "test/iwae100", "valid/elbo"} <= set(extras["metrics"])
+        assert "^grad_var/inference$" in extras["layout"] and "^valid/elbo$" in extras["layout"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -122,7 +195,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert sbn_train(*common, f"hydra.run.dir={full}").returncode == 0
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "sbn_train.cli", *common, f"hydra.run.dir={killed}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
     deadline = time.time() + 120
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)

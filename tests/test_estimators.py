@@ -9,22 +9,10 @@ from sbn_train.estimators.marginal import flip_deltas, flip_deltas_reference
 from sbn_train.models import SBN
 
 from conftest import random_binary, random_sbn
-from stats import bonferroni_z, flat_grad, sample_gradients, unbiasedness_z
+from stats import bonferroni_z, flat_grad, randomize_estimator, sample_gradients, unbiasedness_z
 
 ALPHA = 1e-3          # false-alarm rate of each unbiasedness test (whole gradient, Bonferroni-corrected)
 N_SAMPLES = 3000
-
-
-def randomize_estimator(est, seed=5):
-    """Random baseline nets and moving averages: unbiasedness must not depend on them."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in est.parameters():
-            p.normal_(0.0, 1.0)
-        for name, b in est.named_buffers():
-            if b.is_floating_point():
-                b.normal_(0.0, 3.0).abs_() if "var" in name else b.normal_(0.0, 3.0)
-    return est.eval()
 
 
 UNBIASED = ["marginal", "reinforce", "reinforce_ma", "nvil"]

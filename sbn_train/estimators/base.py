@@ -30,8 +30,10 @@ class Estimate:
 class Estimator(nn.Module):
     """Base class; subclasses implement ``forward(model, x, generator=None) -> Estimate``."""
 
-    #: True when E[gradient of surrogate] equals the exact ELBO gradient for every parameter value
+    #: True when E[gradient of surrogate] equals the exact gradient of ``objective`` for every parameter value
     unbiased: bool = True
+    #: the bound whose gradient the surrogate estimates: "elbo", or "iwae" (the K-sample bound, e.g. VIMCO)
+    objective: str = "elbo"
 
     def __init__(self, model: SBN | None = None):
         super().__init__()

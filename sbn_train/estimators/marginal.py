@@ -123,7 +123,8 @@ def _entropy_sum(a: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
 
 def _rank1_pre(net, pre: Tensor, d: Tensor, start: int, out: Tensor) -> Tensor:
     """Pre-activations of ``net.first`` after flipping input unit start + j: pre + d_j W[:, start + j]."""
-    w = net.first.weight[:, start:start + d.shape[1]].T                     # [c, h]
+    # contiguous rows: a strided (transposed) operand makes this broadcast 3x slower
+    w = net.first.weight[:, start:start + d.shape[1]].T.contiguous()        # [c, h]
     return torch.addcmul(pre[:, None, :], d[:, :, None], w[None], out=out)  # [B, c, h]
 
 

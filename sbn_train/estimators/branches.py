@@ -1,0 +1,86 @@
+"""Pieces shared by the estimators that evaluate the learning signal on more than one configuration.
+
+- :func:`layer_signal`: the downstream learning signal of layer l (the one the likelihood-ratio
+  estimators use, see ``score_function.downstream_signals``) at any configuration.
+- :func:`resimulate`: a branch that replaces layer l and re-draws the layers above from the SAME
+  uniforms (common random numbers), as the antithetic and marginal estimators need.
+- :func:`flipped_log_prob`: log-probabilities of a conditional with each input unit flipped in turn.
+- :func:`sample_layers`: the sampled configuration with its per-layer logits and log-terms, the
+  starting point of every estimator here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, threshold
+
+
+@dataclass
+class Sample:
+    """One draw z ~ q(. | x) with the quantities every estimator needs."""
+    uniforms: list[Tensor]     # u_l, [B, H_l]
+    lus: list[Tensor]          # logit(u_l), [B, H_l]
+    zs: list[Tensor]           # z_l in {0, 1}, [B, H_l]
+    parents: list[Tensor]      # z_{l-1} (x for l = 1), [B, H_{l-1}]
+    q_logits: list[Tensor]     # a_l = logits of q(z_l | z_{l-1}), [B, H_l]; gradients reach phi
+    log_p: list[Tensor]        # [log p(z_{l-1} | z_l) for l = 1..L] + [log p(z_L)], each [B]; reach theta
+    log_q: list[Tensor]        # log q(z_l | z_{l-1}), each [B]; reach phi
+
+
+def sample_layers(model: SBN, x: Tensor, generator: torch.Generator | None) -> Sample:
+    uniforms = model.draw_uniforms(x.shape[0], generator, x.device, x.dtype)
+    lus = [logit_of_uniform(u) for u in uniforms]
+    zs = model.sample_q(x, uniforms)
+    parents = [x] + zs[:-1]
+    q_logits = [model.q_logits(l, p) for l, p in enumerate(parents, start=1)]
+    log_q = [bernoulli_log_prob(z, a) for z, a in zip(zs, q_logits)]
+    return Sample(uniforms, lus, zs, parents, q_logits, model.log_p_layers(x, zs), log_q)
+
+
+@torch.no_grad()
+def layer_signal(model: SBN, x: Tensor, zs: list[Tensor], l: int) -> Tensor:
+    """s_l = log p(z_L) + sum_{k >= l} [log p(z_{k-1} | z_k) - log q(z_k | z_{k-1})], ``[B]`` (l is 1-based)."""
+    below = [x] + list(zs)
+    s = bernoulli_log_prob(below[-1], model.prior_logits)
+    for k in range(l, model.n_layers + 1):
+        s = s + bernoulli_log_prob(below[k - 1], model.p_nets[k - 1](below[k]))
+        s = s - bernoulli_log_prob(below[k], model.q_logits(k, below[k - 1]))
+    return s
+
+
+@torch.no_grad()
+def resimulate(model: SBN, zs: list[Tensor], lus: list[Tensor], l: int, z_l: Tensor) -> list[Tensor]:
+    """``zs`` with layer l (1-based) set to ``z_l`` and layers l+1..L re-drawn from the same ``lus``."""
+    out = list(zs[:l - 1]) + [z_l]
+    for k in range(l + 1, model.n_layers + 1):
+        out.append(threshold(lus[k - 1], model.q_logits(k, out[-1])))
+    return out
+
+
+def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor, max_elements: int = 1 << 21) -> Tensor:
+    """``[B, H]``: entry (b, i) = log Bern(target_b | sigmoid(net(inp_b with unit i flipped))).
+
+    ``inp`` is the net's input ``[B, H]`` (already centred where the net expects it; a flip changes it
+    by +-1 either way); ``target`` is ``[B, D]``. A flip moves the pre-activations of ``net.first`` by
+    (1 - 2 inp_i) W[:, i], so the product over the other inputs is not redone; units go in chunks of
+    at most ``max_elements`` temporaries.
+    """
+    B, H = inp.shape
+    pre = net.first(inp)                                        # [B, h]
+    d = 1 - 2 * inp                                             # [B, H]: the change a flip makes
+    width = max(pre.shape[-1], target.shape[-1])
+    chunk = max(1, min(H, max_elements // max(1, B * width)))
+    base = (target * pre).sum(-1, keepdim=True) if net.is_linear else None       # [B, 1]
+    out = []
+    for s in range(0, H, chunk):
+        w = net.first.weight[:, s:s + chunk].T                  # [c, h]
+        flipped = torch.addcmul(pre[:, None, :], d[:, s:s + chunk, None], w[None])   # [B, c, h]
+        if net.is_linear:   # target . logits' = target . pre + d_i (target . W[:, i]): a matrix product
+            out.append(base + d[:, s:s + chunk] * (target @ w.T) - F.softplus(flipped).sum(-1))
+        else:
+            out.append(bernoulli_log_prob(target[:, None, :], net.tail(flipped)))  # [B, c]
+    return torch.cat(out, 1)

@@ -1,0 +1,69 @@
+"""TensorBoard extras: image grids, the run's hyperparameters (hparams plugin), the custom-scalars layout."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .models import SBN
+
+#: one chart per metric; every run (estimator, learning rate ...) is one line in it. The tags are regexes.
+LAYOUT = {
+    "sbn-train: estimators compared": {
+        "gradient variance, inference net (paper's protocol)": ["Multiline", [r"^grad_var/inference$"]],
+        "gradient variance, inference net (latent noise only)": ["Multiline", [r"^grad_var_latent/inference$"]],
+        "gradient variance, generative net": ["Multiline", [r"^grad_var/generative$"]],
+        "validation ELBO": ["Multiline", [r"^valid/elbo$"]],
+        "validation importance-weighted bound": ["Multiline", [r"^valid/iwae\d+$"]],
+        "training ELBO (running)": ["Multiline", [r"^train/elbo$"]],
+        "squared bias vs exact gradient, inference net": ["Multiline", [r"^grad_bias/inference$"]],
+        "steps per second": ["Multiline", [r"^perf/steps_per_s$"]],
+    },
+    "sbn-train: per layer": {
+        "gradient variance per inference layer (paper's protocol)": ["Multiline", [r"^grad_var/layer\d+$"]],
+        "gradient variance per inference layer (latent noise only)": ["Multiline", [r"^grad_var_latent/layer\d+$"]],
+    },
+}
+
+
+def image_grid(x: Tensor, shape: tuple[int, int]) -> Tensor:
+    """``[N, H*W]`` intensities in [0, 1] -> one ``[3, H', W']`` grid image, rows of ceil(sqrt(N)) images."""
+    from torchvision.utils import make_grid
+    n = x.shape[0]
+    imgs = x.detach().float().cpu().clamp(0, 1).view(n, 1, *shape)
+    return make_grid(imgs, nrow=math.ceil(math.sqrt(n)), padding=1, pad_value=0.5)
+
+
+@torch.no_grad()
+def log_images(writer, model: SBN, x: Tensor, shape: tuple[int, int] | None, step: int, seed: int,
+               with_data: bool = False) -> None:
+    """``images/samples`` (means of p(x | z_1) for z ~ p), ``images/reconstructions`` (means of p(x | z_1) for
+    z ~ q(. | x)) and, if ``with_data``, ``images/data`` (the binarized ``x``). Nothing for non-image data."""
+    if shape is None or x.shape[0] == 0:
+        return
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    x = x.to(model.prior_logits.dtype)
+    if with_data:
+        writer.add_image("images/data", image_grid(x, shape), step)
+    means, _ = model.sample_p(x.shape[0], gen)
+    writer.add_image("images/samples", image_grid(means, shape), step)
+    zs = model.sample_q(x, model.draw_uniforms(x.shape[0], gen, x.device, x.dtype))
+    writer.add_image("images/reconstructions", image_grid(torch.sigmoid(model.p_nets[0](zs[0])), shape), step)
+
+
+def log_layout(writer) -> None:
+    """The custom-scalars layout; TensorBoard merges identical charts across the runs of a sweep folder."""
+    writer.add_custom_scalars(LAYOUT)
+
+
+def log_hparams(writer, hparams: dict[str, Any], metric_tags: list[str]) -> None:
+    """The run's hyperparameters for the hparams plugin. Its metrics are existing scalar tags of this run
+    (e.g. ``test/elbo``): the plugin shows their last value, so nothing is logged twice."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+    clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+    exp, ssi, sei = hparams_summary(clean, {tag: 0.0 for tag in metric_tags})
+    fw = writer._get_file_writer()
+    for summary in (exp, ssi, sei):
+        fw.add_summary(summary)

@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""Tables and figures from a sweep folder, as in Tokui & Sato (2017).
+
+    python scripts/report.py outputs/paper_cpu/2026-11-29_00-18-26 [--out DIR]
+
+Reads every run folder below SWEEP (a folder holding ``.hydra/config.yaml``): its TensorBoard events
+(EventAccumulator) and ``results.json``. For each dataset x model x estimator it picks the learning rate
+whose runs reach the best validation ELBO (the highest ``valid/elbo`` seen during training, averaged over
+seeds), and writes to DIR (default: SWEEP/report):
+
+    table.md, table.csv, table.tex   test ELBO ("VB") and test importance-weighted bound ("MCB") of the best
+                                     model, mean and standard error over seeds (CSV: one row per estimator)
+    figure.png                       gradient variance (log scale) and validation ELBO against iterations, one
+                                     line per estimator (mean over seeds), one row of panels per dataset x model
+    runs.csv                         every run found, with its status: finished, failed (and why), unfinished
+
+Runs that failed or are unfinished are listed in table.md and on stdout, never silently dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: the paper's names for the estimator configs, in the paper's column order
+LABELS = {"reinforce": "LR", "reinforce_ma": "LR+C", "nvil": "LR+C+IDB", "muprop": "MuProp+C+IDB",
+          "leg": "LEG", "marginal": "marginal (RAM)"}
+DATASETS = {"mnist": "MNIST", "omniglot": "Omniglot", "fashion_mnist": "Fashion-MNIST", "synthetic": "synthetic"}
+VARIANCE_TAG, LATENT_VARIANCE_TAG, VALID_TAG = "grad_var/inference", "grad_var_latent/inference", "valid/elbo"
+
+
+@dataclass
+class Run:
+    path: Path
+    dataset: str
+    model: str                      # e.g. "linear 200-200"
+    estimator: str
+    lr: float
+    seed: int
+    max_steps: int
+    status: str                     # finished | failed | unfinished
+    step: int = 0
+    error: str = ""
+    metrics: dict = field(default_factory=dict)
+    scalars: dict = field(default_factory=dict)    # tag -> [(step, value)]
+
+    @property
+    def best_valid_elbo(self) -> float:
+        values = [v for _, v in self.scalars.get(VALID_TAG, []) if math.isfinite(v)]
+        return max(values) if values else -math.inf
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1, "tensors": 1, "histograms": 1})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_run(folder: Path) -> Run:
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    choices = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    sizes = "-".join(str(h) for h in cfg.model.latent_sizes)
+    model = f"{'nonlinear' if cfg.model.n_hidden else 'linear'} {sizes}"
+    run = Run(path=folder, dataset=str(cfg.dataset.name), model=model, estimator=str(choices.estimator),
+              lr=float(cfg.optim.lr), seed=int(cfg.seed), max_steps=int(cfg.train.max_steps), status="unfinished")
+    run.scalars = read_scalars(folder)
+    steps = [s for values in run.scalars.values() for s, _ in values]
+    run.step = max(steps, default=0)
+    results, failed = folder / "results.json", folder / "failed.json"
+    if results.exists():
+        data = json.loads(results.read_text())
+        run.metrics, run.step = data.get("metrics", {}), int(data.get("step", run.step))
+        run.status = "finished" if data.get("status", "finished") == "finished" else "unfinished"
+    elif failed.exists():
+        run.status, run.error = "failed", json.loads(failed.read_text()).get("error", "")
+    return run
+
+
+def find_runs(sweep: Path) -> list[Run]:
+    folders = sorted(p.parent.parent for p in sweep.rglob(".hydra/config.yaml"))
+    return [read_run(f) for f in folders]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(values) / n
+    if n == 1:
+        return m, math.nan
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def estimator_order(names) -> list[str]:
+    return [e for e in LABELS if e in names] + sorted(e for e in names if e not in LABELS)
+
+
+@dataclass
+class Row:
+    dataset: str
+    model: str
+    estimator: str
+    lr: float
+    runs: list[Run]
+    valid_elbo: float
+    vb: tuple[float, float]
+    mcb: tuple[float, float]
+    mcb_k: int
+
+
+def select(runs: list[Run]) -> list[Row]:
+    """Per dataset x model x estimator: the learning rate with the best mean validation ELBO over seeds."""
+    groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.status == "finished":
+            groups[(r.dataset, r.model, r.estimator)][r.lr].append(r)
+    rows = []
+    for (dataset, model, est), by_lr in groups.items():
+        scored = sorted(by_lr.items(), key=lambda kv: (-mean_se([r.best_valid_elbo for r in kv[1]])[0], kv[0]))
+        lr, chosen = scored[0]
+        ks = sorted({int(k[len("test/iwae"):]) for r in chosen for k in r.metrics
+                     if k.startswith("test/iwae") and not k.endswith("_se")})
+        k = ks[-1] if ks else 0
+        rows.append(Row(dataset, model, est, lr, sorted(chosen, key=lambda r: r.seed),
+                        mean_se([r.best_valid_elbo for r in chosen])[0],
+                        mean_se([r.metrics["test/elbo"] for r in chosen if "test/elbo" in r.metrics]),
+                        mean_se([r.metrics[f"test/iwae{k}"] for r in chosen if f"test/iwae{k}" in r.metrics]), k))
+    order = {e: i for i, e in enumerate(estimator_order({r.estimator for r in rows}))}
+    return sorted(rows, key=lambda r: (r.dataset, r.model, order[r.estimator]))
+
+
+# ----- writers -------------------------------------------------------------------------------------
+def fmt(m: float, se: float, latex: bool = False) -> str:
+    if not math.isfinite(m):
+        return "n/a"
+    pm = r" $\pm$ " if latex else " ± "
+    return f"{m:.2f}{pm}{se:.2f}" if math.isfinite(se) else f"{m:.2f}"
+
+
+def table_blocks(rows: list[Row]):
+    """Yield (dataset label, model, estimators, {estimator: row}) per dataset x model."""
+    blocks: dict[tuple, dict[str, Row]] = defaultdict(dict)
+    for r in rows:
+        blocks[(r.dataset, r.model)][r.estimator] = r
+    for (dataset, model), by_est in blocks.items():
+        yield DATASETS.get(dataset, dataset), model, estimator_order(by_est), by_est
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "model", "estimator", "label", "lr", "seeds", "best_valid_elbo", "vb_mean", "vb_se",
+                    "mcb_k", "mcb_mean", "mcb_se"])
+        for r in rows:
+            w.writerow([r.dataset, r.model, r.estimator, LABELS.get(r.estimator, r.estimator), r.lr, len(r.runs),
+                        f"{r.valid_elbo:.4f}", f"{r.vb[0]:.4f}", f"{r.vb[1]:.4f}", r.mcb_k, f"{r.mcb[0]:.4f}",
+                        f"{r.mcb[1]:.4f}"])
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = []
+    for dataset, model, ests, by_est in table_blocks(rows):
+        k = max(r.mcb_k for r in by_est.values())
+        lines += [f"**{dataset}, {model}** (test set; mean ± standard error over seeds)", "",
+                  "| | " + " | ".join(LABELS.get(e, e) for e in ests) + " |",
+                  "|---|" + "---:|" * len(ests),
+                  "| VB (ELBO) | " + " | ".join(fmt(*by_est[e].vb) for e in ests) + " |",
+                  f"| MCB (K={k}) | " + " | ".join(fmt(*by_est[e].mcb) for e in ests) + " |",
+                  "| learning rate | " + " | ".join(f"{by_est[e].lr:g}" for e in ests) + " |",
+                  "| seeds | " + " | ".join(str(len(by_est[e].runs)) for e in ests) + " |", ""]
+    return "\n".join(lines)
+
+
+def latex_table(rows: list[Row]) -> str:
+    out = []
+    for dataset, model, ests, by_est in table_blocks(rows):
+        k = max(r.mcb_k for r in by_est.values())
+        out += [r"\begin{tabular}{l" + "r" * len(ests) + "}", r"\toprule",
+                f"{dataset}, {model} & " + " & ".join(LABELS.get(e, e).replace("+", "+{}") for e in ests)
+                + r" \\", r"\midrule",
+                "VB & " + " & ".join(fmt(*by_est[e].vb, latex=True) for e in ests) + r" \\",
+                f"MCB ($K={k}$) & " + " & ".join(fmt(*by_est[e].mcb, latex=True) for e in ests) + r" \\",
+                r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(out)
+
+
+def problems(runs: list[Run]) -> list[str]:
+    lines = []
+    for r in runs:
+        if r.status == "failed":
+            lines.append(f"- failed: `{r.path.name}` at step {r.step}/{r.max_steps}: {r.error}")
+        elif r.status == "unfinished":
+            lines.append(f"- unfinished: `{r.path.name}` at step {r.step}/{r.max_steps}")
+    return lines
+
+
+def write_runs(runs: list[Run], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "dataset", "model", "estimator", "lr", "seed", "status", "step", "max_steps",
+                    "best_valid_elbo", "test_elbo", "error"])
+        for r in runs:
+            w.writerow([r.path.name, r.dataset, r.model, r.estimator, r.lr, r.seed, r.status, r.step, r.max_steps,
+                        r.best_valid_elbo, r.metrics.get("test/elbo", ""), r.error])
+
+
+def mean_curve(runs: list[Run], tag: str) -> tuple[list[int], list[float]]:
+    """Mean over runs at the steps every run logged ``tag``."""
+    per = [dict(r.scalars.get(tag, [])) for r in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return steps, [sum(p[s] for p in per) / len(per) for s in steps]
+
+
+def write_figure(rows: list[Row], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = list(table_blocks(rows))
+    fig, axes = plt.subplots(len(blocks), 2, figsize=(11, 3.6 * len(blocks)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (dataset, model, ests, by_est), (ax_var, ax_elbo) in zip(blocks, axes):
+        for i, e in enumerate(ests):
+            row, color, label = by_est[e], colors[i % len(colors)], LABELS.get(e, e)
+            steps, var = mean_curve(row.runs, VARIANCE_TAG)
+            ax_var.plot(steps, var, "-o", ms=3, color=color, label=f"{label} (lr {row.lr:g})")
+            steps, var = mean_curve(row.runs, LATENT_VARIANCE_TAG)
+            if steps:
+                ax_var.plot(steps, var, "--", color=color, alpha=0.6)
+            steps, elbo = mean_curve(row.runs, VALID_TAG)
+            ax_elbo.plot(steps, elbo, "-o", ms=3, color=color, label=label)
+        ax_var.set_yscale("log")
+        ax_var.set_title(f"{dataset}, {model}: gradient variance (inference net)", fontsize=10)
+        ax_var.set_xlabel("iteration")
+        ax_var.set_ylabel("mean variance per element\n(solid: fresh minibatches; dashed: latent noise only)",
+                          fontsize=8)
+        ax_elbo.set_title(f"{dataset}, {model}: validation ELBO", fontsize=10)
+        ax_elbo.set_xlabel("iteration")
+        ax_elbo.set_ylabel("ELBO (nats)")
+        ax_var.legend(fontsize=7)
+        ax_elbo.legend(fontsize=7)
+        for ax in (ax_var, ax_elbo):
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path, help="a sweep folder (hydra.sweep.dir) or a single run folder")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: SWEEP/report)")
+    args = ap.parse_args(argv)
+    if not args.sweep.is_dir():
+        print(f"report: {args.sweep} is not a folder", file=sys.stderr)
+        return 2
+    runs = find_runs(args.sweep)
+    if not runs:
+        print(f"report: no runs (folders with .hydra/config.yaml) under {args.sweep}", file=sys.stderr)
+        return 2
+    out = args.out or args.sweep / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = select(runs)
+    write_runs(runs, out / "runs.csv")
+    issues = problems(runs)
+    md = [f"# Report: {args.sweep}", "", markdown_table(rows) if rows else "No finished runs.", ""]
+    if issues:
+        md += ["Runs not in the table:", "", *issues, ""]
+    (out / "table.md").write_text("\n".join(md))
+    write_csv(rows, out / "table.csv")
+    (out / "table.tex").write_text(latex_table(rows))
+    if rows:
+        write_figure(rows, out / "figure.png")
+    print("\n".join(md))
+    print(f"{len(runs)} runs: " + ", ".join(f"{sum(r.status == s for r in runs)} {s}"
+                                          for s in ("finished", "failed", "unfinished")) + f"; written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

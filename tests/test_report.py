@@ -1,0 +1,66 @@
+"""A tiny sweep through the CLI, then scripts/report.py on it: table, figure, and runs that did not finish."""
+import csv
+import math
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from test_cli import SMALL, sbn_train, scalars
+
+REPORT = Path(__file__).resolve().parent.parent / "scripts" / "report.py"
+ESTIMATORS = ["reinforce", "nvil", "marginal"]
+LRS = ["0.001", "0.003"]
+
+
+def test_sweep_then_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = sbn_train("-m", f"estimator={','.join(ESTIMATORS)}", f"optim.lr={','.join(LRS)}", "seed=0,1", *SMALL,
+                  "train.max_steps=20", "train.eval_every=10", "train.log_every=10", "variance.every=10",
+                  "variance.samples=3", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if (p / "results.json").exists())
+    assert len(runs) == len(ESTIMATORS) * len(LRS) * 2, [p.name for p in sweep.iterdir()]
+    # a run that stopped with an error, and one killed before it finished
+    bad = sbn_train(*SMALL, "train.batch_size=100000", f"hydra.run.dir={sweep / 'broken'}")
+    assert bad.returncode == 2 and (sweep / "broken" / "failed.json").exists(), bad.stderr[-2000:]
+    shutil.copytree(runs[0], sweep / "killed")
+    (sweep / "killed" / "results.json").unlink()
+
+    out = tmp_path / "report"
+    rep = subprocess.run([sys.executable, str(REPORT), str(sweep), "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+
+    with (out / "table.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["estimator"] for r in rows) == sorted(ESTIMATORS), rows
+    for row in rows:
+        assert row["seeds"] == "2" and row["mcb_k"] == "100", row
+        for key in ("vb_mean", "vb_se", "mcb_mean", "mcb_se", "best_valid_elbo"):
+            assert math.isfinite(float(row[key])), (row["estimator"], key, row[key])
+        assert float(row["mcb_mean"]) > float(row["vb_mean"]) - 3 * math.hypot(float(row["mcb_se"]),
+                                                                                float(row["vb_se"]))
+
+    # the chosen learning rate has the best validation ELBO (best over evaluations, mean over seeds),
+    # recomputed here from the events
+    best = defaultdict(list)
+    for run in runs:
+        overrides = dict(kv.split("=", 1) for kv in run.name.split(","))
+        best[(overrides["estimator"], float(overrides["optim.lr"]))].append(
+            max(v for _, v in scalars(run)["valid/elbo"]))
+    for row in rows:
+        means = {lr: sum(v) / len(v) for (e, lr), v in best.items() if e == row["estimator"]}
+        assert float(row["lr"]) == max(means, key=means.get), (row, means)
+
+    png = (out / "figure.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    table = (out / "table.md").read_text()
+    assert "| VB (ELBO) |" in table and "| MCB (K=100) |" in table
+    assert "failed: `broken`" in table and "train.batch_size=100000 exceeds" in table
+    assert "unfinished: `killed` at step 20/20" in table
+    assert "\\begin{tabular}" in (out / "table.tex").read_text()
+    with (out / "runs.csv").open() as f:
+        statuses = [r["status"] for r in csv.DictReader(f)]
+    assert sorted(statuses) == sorted(["finished"] * len(runs) + ["failed", "unfinished"])
