@@ -55,15 +55,6 @@ def flip_deltas_reference(model: SBN, x: Tensor, zs: list[Tensor], uniforms: lis
     return deltas
 
 
-def _flip_layer(z: Tensor, d: Tensor, start: int) -> Tensor:
-    """``[B, c, H]`` copies of ``z [B, H]``, copy j with unit start + j flipped (``d = 1 - 2z`` of the chunk)."""
-    B, c = d.shape
-    out = z[:, None, :].repeat(1, c, 1)
-    j = torch.arange(c, device=z.device)
-    out[:, j, start + j] += d
-    return out
-
-
 class Workspace:
     """Scratch buffers reused across chunks and steps: fresh multi-megabyte temporaries for every
     chunk cost page faults that, on a CPU, take as long as the arithmetic."""
