@@ -54,26 +54,6 @@ class MuProp(ScoreFunction):
         super().__init__(model, moving_average=moving_average, input_dependent=input_dependent,
                          ma_rate=ma_rate, baseline_hidden=baseline_hidden, normalize_variance=False)
 
-    def centre(self, model: SBN, residuals: list[Tensor], parents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """Subtract the baselines from each layer's residual ``[B]``; returns them and the baselines' loss."""
-        out, aux = [], residuals[0].new_zeros(())
-        new_mean = self.ma_mean.clone()
-        for l, r in enumerate(residuals):
-            centred = r
-            if self.input_dependent:
-                b = self.baselines[l](model.q_input(l + 1, parents[l]).detach()).squeeze(-1)     # [B]
-                target = r - self.ma_mean[l] if self.moving_average else r
-                aux = aux + ((target - b) ** 2).mean()
-                centred = centred - b.detach()
-            if self.moving_average:
-                new_mean[l] = self.ma_mean[l] + self.ma_rate * (centred.mean() - self.ma_mean[l])
-                centred = centred - self.ma_mean[l]
-            out.append(centred)
-        if self.training and self.moving_average:
-            with torch.no_grad():
-                self.ma_mean.copy_(new_mean)
-        return out, aux
-
     def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
         s = sample_layers(model, x, generator)
         signals = downstream_signals(s.log_p, s.log_q)

@@ -59,13 +59,11 @@ class ScoreFunction(Estimator):
                 self.baselines.append(nn.Sequential(
                     nn.Linear(model.sizes[l], baseline_hidden), nn.Tanh(), nn.Linear(baseline_hidden, 1)))
 
-    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
-        zs = model.sample_q(x, model.draw_uniforms(x.shape[0], generator, x.device, x.dtype))
-        log_p = model.log_p_layers(x, zs)     # grads reach the generative net
-        log_q = model.log_q_layers(x, zs)     # grads reach the inference net
-        signals = downstream_signals(log_p, log_q)
-        parents = [x] + zs[:-1]
-        score_term, aux = x.new_zeros(x.shape[0]), x.new_zeros(())
+    def centre(self, model: SBN, signals: list[Tensor], parents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Subtract the baselines from each layer's signal ``[B]`` (and normalize, if asked); returns the
+        centred signals and the input-dependent baselines' squared-error loss. Updates the moving
+        averages in train mode only."""
+        out, aux = [], signals[0].new_zeros(())
         new_mean, new_var = self.ma_mean.clone(), self.ma_var.clone()
         for l, s in enumerate(signals):
             centred = s
@@ -74,18 +72,25 @@ class ScoreFunction(Estimator):
                 target = s - self.ma_mean[l] if self.moving_average else s
                 aux = aux + ((target - b) ** 2).mean()
                 centred = centred - b.detach()
-            residual = centred
             if self.moving_average:
+                new_mean[l] = self.ma_mean[l] + self.ma_rate * (centred.mean() - self.ma_mean[l])
                 centred = centred - self.ma_mean[l]
-                new_mean[l] = self.ma_mean[l] + self.ma_rate * (residual.mean() - self.ma_mean[l])
                 new_var[l] = self.ma_var[l] + self.ma_rate * (centred.var(unbiased=False) - self.ma_var[l])
             if self.normalize_variance:
                 centred = centred / self.ma_var[l].sqrt().clamp(min=1.0)
-            score_term = score_term + centred.detach() * log_q[l]
+            out.append(centred.detach())
         if self.training and self.moving_average:
             with torch.no_grad():
                 self.ma_mean.copy_(new_mean)
                 self.ma_var.copy_(new_var)
+        return out, aux
+
+    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
+        zs = model.sample_q(x, model.draw_uniforms(x.shape[0], generator, x.device, x.dtype))
+        log_p = model.log_p_layers(x, zs)     # grads reach the generative net
+        log_q = model.log_q_layers(x, zs)     # grads reach the inference net
+        centred, aux = self.centre(model, downstream_signals(log_p, log_q), [x] + zs[:-1])
+        score_term = sum(c * lq for c, lq in zip(centred, log_q))
         surrogate = -(torch.stack(log_p).sum(0) + score_term).mean()
         return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, zs, log_p, log_q),
                         aux_loss=aux if self.input_dependent else None)
