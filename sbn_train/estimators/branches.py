@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, threshold
+from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, softplus, threshold
 
 
 @dataclass
@@ -80,7 +79,7 @@ def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor, max_elements
         w = net.first.weight[:, s:s + chunk].T                  # [c, h]
         flipped = torch.addcmul(pre[:, None, :], d[:, s:s + chunk, None], w[None])   # [B, c, h]
         if net.is_linear:   # target . logits' = target . pre + d_i (target . W[:, i]): a matrix product
-            out.append(base + d[:, s:s + chunk] * (target @ w.T) - F.softplus(flipped).sum(-1))
+            out.append(base + d[:, s:s + chunk] * (target @ w.T) - softplus(flipped).sum(-1))
         else:
             out.append(bernoulli_log_prob(target[:, None, :], net.tail(flipped)))  # [B, c]
     return torch.cat(out, 1)

@@ -24,11 +24,12 @@ Two implementations of the per-unit differences Delta_{l,i} = F(z with z_{l,i} f
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import SBN, bernoulli_entropy, bernoulli_log_prob, logit_of_uniform, threshold
+from ..models import SBN, bernoulli_entropy, bernoulli_log_prob, logit_of_uniform, softplus, threshold
 from .base import Estimate, Estimator
 
 
@@ -76,19 +77,36 @@ class Workspace:
 _WORKSPACE = Workspace()
 
 
-def _sum_log_half_to_one(t: Tensor) -> Tensor:
-    """sum_j log(t_j) over the last dim for entries in [1/2, 1], destroying ``t``.
+# |log| of the largest product of factors that stays a finite, normal number in each dtype
+_LOG_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
 
-    Multiplies halves in place up to four times, so each log covers a product of up to 16 entries
-    (>= 2^-16: no underflow) and 16x fewer logs are taken; log dominates the cost otherwise."""
-    for _ in range(4):
-        h = t.shape[-1]
-        if h % 2:
-            break
-        lo = t[..., : h // 2]
-        lo.mul_(t[..., h // 2:])
-        t = lo
-    return t.log_().sum(-1)
+
+def _exp_space_ok(bound: float, dtype: torch.dtype) -> bool:
+    """Whether factors in [e^-bound, e^bound] are themselves safely representable."""
+    return bound <= _LOG_RANGE.get(dtype, 0.0)            # False for nan as well
+
+
+def _sum_log(t: Tensor, bound: float) -> Tensor:
+    """sum_j log(t_j) over the last dim for factors t_j in [e^-bound, e^bound].
+
+    Groups of g consecutive factors are multiplied first (g the largest divisor of the width with
+    g * bound within the dtype's range), so one log covers g entries: on the CPU a log costs as much
+    as a dozen multiplications, and a product over a contiguous group is a fast reduction."""
+    width = t.shape[-1]
+    limit = _LOG_RANGE.get(t.dtype, 0.0)
+    g = _group(width, width if bound <= 0 else min(width, int(limit / bound)))
+    if g == 1:
+        return t.log().sum(-1)
+    return t.unflatten(-1, (width // g, g)).prod(-1).log_().sum(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _group(width: int, most: int) -> int:
+    """The largest divisor of ``width`` that is at most ``most`` (1 if none)."""
+    return max((k for k in range(1, most + 1) if width % k == 0), default=1)
+
+
+_LOG2 = 0.6931471805599453
 
 
 def _softplus_sum(a: Tensor, tmp: Tensor, a_sum: Tensor | None = None) -> Tensor:
@@ -96,11 +114,21 @@ def _softplus_sum(a: Tensor, tmp: Tensor, a_sum: Tensor | None = None) -> Tensor
     ``a`` is overwritten); ``a_sum`` is ``a.sum(-1)`` when the caller knows it without a pass.
 
     softplus(a) = max(a, 0) - log(sigmoid(|a|)) and sum max(a, 0) = (sum a + sum |a|) / 2: exact for
-    every a (no overflow, no threshold, sigmoid(|a|) >= 1/2), in place over cache-sized chunks."""
+    every a (no overflow, no threshold, sigmoid(|a|) in [1/2, 1]), in place over cache-sized chunks."""
     s = a.sum(-1) if a_sum is None else a_sum.clone()
     t = torch.abs(a, out=tmp)
     s = s.add_(t.sum(-1)).mul_(0.5)
-    return s.sub_(_sum_log_half_to_one(t.sigmoid_()))
+    return s.sub_(_sum_log(t.sigmoid_(), _LOG2))        # sigmoid(|a|) in [1/2, 1]
+
+
+def _softplus_shift_sum(s: Tensor, one_minus_s: Tensor, e: Tensor, bound: float) -> Tensor:
+    """sum_j [softplus(a_j + r_j) - softplus(a_j)] over the last dim, from s = sigmoid(a), 1 - s (both
+    broadcasting) and e = exp(r), which it overwrites: (1 + e^(a+r)) / (1 + e^a) = (1 - s) + s e^r.
+
+    A multiply-add per entry and a log per group of entries (:func:`_sum_log`), and the difference comes
+    out directly instead of as the difference of two large sums. Each factor lies in [e^-|r|, e^|r|]:
+    ``bound`` >= max |r|."""
+    return _sum_log(torch.addcmul(one_minus_s, s, e, out=e), bound)
 
 
 def _entropy_sum(a: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
@@ -109,7 +137,7 @@ def _entropy_sum(a: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
     torch.sigmoid(t1, out=t2)
     h = t1.sum(-1)
     h.sub_(t1.mul_(t2).sum(-1))
-    return h.sub_(_sum_log_half_to_one(t2))
+    return h.sub_(_sum_log(t2, _LOG2))
 
 
 def _rank1_pre(net, pre: Tensor, d: Tensor, start: int, out: Tensor) -> Tensor:
@@ -134,6 +162,134 @@ def _log_prob_rank1(net, v: Tensor, pre: Tensor, d: Tensor, start: int, ws: Work
     return bernoulli_log_prob(v[:, None, :], net.tail(flipped))
 
 
+class _FlipTable:
+    """For a linear net reading the flipped layer: exp(+-W[:, i]) for every input unit i, so that the
+    change of its log-likelihood under a flip is a gather, a multiply-add and a log per group of entries:
+
+        log p(v | z with unit i flipped) - log p(v | z) = d_i (v . W[:, i]) - sum_j log(1 - s_j + s_j e^(d_i W_ji))
+
+    with s = sigmoid(net.first(z)) and d_i = 1 - 2 z_i (:func:`_softplus_shift_sum`)."""
+
+    def __init__(self, net, z: Tensor, v: Tensor, pre: Tensor):
+        w = net.first.weight                                      # [h, H]
+        self.bound = float(w.abs().max()) if w.numel() else 0.0
+        self.usable = _exp_space_ok(self.bound, w.dtype)
+        if not self.usable:
+            return
+        H = w.shape[1]
+        self.table = torch.cat([torch.exp(w.T), torch.exp(-w.T)])        # [2H, h]: row i + H z_i
+        self.rows = torch.arange(H, device=z.device) + H * z.long()      # [B, H]
+        self.v_w = v @ w                                          # [B, H]: v . W[:, i]
+        self.s = torch.sigmoid(pre)[:, None, :]                   # [B, 1, h]
+        self.one_minus_s = torch.sigmoid(-pre)[:, None, :]
+
+    def log_prob_change(self, d: Tensor, start: int, ws: Workspace) -> Tensor:
+        B, c = d.shape
+        rows = self.rows[:, start:start + c].reshape(-1)
+        e = torch.index_select(self.table, 0, rows, out=ws.get("e", (B * c, self.table.shape[1]), d))
+        shift = _softplus_shift_sum(self.s, self.one_minus_s, e.view(B, c, -1), self.bound)
+        return d * self.v_w[:, start:start + c] - shift
+
+
+class _Changes:
+    """dz = z'_k - z_k for a chunk of branches (entries in {-1, 0, 1}), ``[B, c, H]``.
+
+    Sparse form: per example the units that change in any of its branches (``idx [B, K]``, padded with
+    unchanged units) and ``dz_k = dz[:, :, idx]`` ``[B, c, K]`` (a transposed view of unit-major storage):
+    products with dz then cost B c K instead of B c H multiply-adds. A flip re-simulates few units (on
+    MNIST about 1-2% of the layer above), so K is mostly far below H. Dense form (``idx`` None): ``dz``."""
+
+    def __init__(self, dz: Tensor | None = None, idx: Tensor | None = None, dz_k: Tensor | None = None):
+        self.dz, self.idx, self.dz_k = dz, idx, dz_k
+
+    @classmethod
+    def from_dense(cls, dz: Tensor, scratch: Tensor) -> "_Changes":
+        # sparse on the CPU only: on a GPU the dense product is cheap and the size check would synchronize
+        if dz.device.type == "cpu":
+            B, c, H = dz.shape
+            changed = torch.abs(dz, out=scratch).amax(1).ne_(0)   # [B, H]
+            K = int(changed.sum(1).max())
+            if 4 * K <= H:
+                idx = torch.topk(changed.to(dz.dtype), K, dim=1, sorted=False).indices          # [B, K]
+                dz_k = torch.gather(dz, 2, idx[:, None, :].expand(B, c, K)).transpose(1, 2).contiguous()
+                return cls(idx=idx, dz_k=dz_k.transpose(1, 2))
+        return cls(dz=dz)
+
+    def max_count(self) -> float | None:
+        """The most units any branch changes (sparse form only; None for the dense form)."""
+        if self.idx is None:
+            return None
+        return float(self.dz_k.abs().sum(-1).max()) if self.dz_k.numel() else 0.0
+
+    def times(self, w_t: Tensor, out: Tensor) -> Tensor:
+        """dz @ w_t, ``[B, c, h]``, for ``w_t [H, h]`` (a first-layer weight reading this layer, transposed
+        and contiguous: gathering rows of the transpose view is ten times slower)."""
+        if self.idx is None:
+            B, c, H = self.dz.shape
+            return torch.mm(self.dz.view(B * c, H), w_t, out=out.view(B * c, -1)).view(B, c, -1)
+        B, K = self.idx.shape
+        if K == 0:
+            return out.zero_()
+        rows = torch.index_select(w_t, 0, self.idx.reshape(-1)).view(B, K, -1)          # [B, K, h]
+        return torch.bmm(self.dz_k, rows, out=out)
+
+    def dot(self, v: Tensor) -> Tensor:
+        """dz . v over the last dim, ``[B, c]``, for ``v [B, H]`` (one vector per example)."""
+        if self.idx is None:
+            return torch.bmm(self.dz, v[:, :, None]).squeeze(-1)
+        return torch.bmm(self.dz_k, v.gather(1, self.idx)[:, :, None]).squeeze(-1)
+
+    def dot_rows(self, t: Tensor, scratch: Tensor) -> Tensor:
+        """dz . t over the last dim, ``[B, c]``, for ``t [B, c, H]`` (one vector per branch)."""
+        if self.idx is None:
+            return torch.mul(self.dz, t, out=scratch).sum(-1)
+        B, c, K = self.dz_k.shape
+        return (self.dz_k * torch.gather(t, 2, self.idx[:, None, :].expand(B, c, K))).sum(-1)
+
+
+def _first_resimulated(q_net, s: "_Sample", k: int, d: Tensor, start: int, q_pre: Tensor) -> _Changes | None:
+    """Sparse changes of z'_k when layer k-1 = l had its units start..start+c-1 flipped (``q_pre`` the
+    rank-1 updated pre-activations of the linear q_k, ``[B, c, H_k]``), without a pass over ``q_pre``.
+
+    A flip moves the logit of unit i by at most m_i = max_j |W_ij| over the flipped units, so only units
+    with |logit(u_i) - a_i| <= m_i (plus rounding slack) can change; the decisions on those units are
+    read from the same ``q_pre`` the dense path would compare. None when too many units qualify."""
+    if d.device.type != "cpu":
+        return None
+    w = q_net.first.weight[:, start:start + d.shape[1]]           # [H_k, c]
+    m = w.abs().amax(1)                                            # [H_k]
+    lu, pre, z = s.lus[k - 1], s.q_pre[k - 1], s.below[k]
+    slack = 4 * torch.finfo(pre.dtype).eps * (lu.abs() + pre.abs() + m)
+    maybe = (lu - pre).abs_().le_(m + slack)                       # [B, H_k]
+    B, c, H = q_pre.shape
+    K = int(maybe.sum(1).max())
+    if 4 * K > H:
+        return None
+    idx = torch.topk(maybe.to(pre.dtype), K, dim=1, sorted=False).indices                 # [B, K]
+    # the candidates' logits, unit-major [B, K, c] (a short last dim makes element-wise ops crawl)
+    w_k = torch.index_select(w.contiguous(), 0, idx.reshape(-1)).view(B, K, c)
+    logits = torch.addcmul(pre.gather(1, idx)[:, :, None], d[:, None, :], w_k)
+    z_new = torch.lt(lu.gather(1, idx)[:, :, None], logits).to(pre.dtype)
+    return _Changes(idx=idx, dz_k=z_new.sub_(z.gather(1, idx)[:, :, None]).transpose(1, 2))
+
+
+def _shift_sum(r: Tensor, s: "_Sample", k: int, changes: _Changes, tmp: Tensor) -> Tensor:
+    """sum_j [softplus(pre_j + r_j) - softplus(pre_j)], ``[B, c]``, for pre the first-layer pre-activations
+    of p_k at the sample and r = dz @ W.T (``changes``); overwrites ``r [B, c, h]``. Falls back to the
+    direct sums when |r| may be too large for exp space."""
+    count = changes.max_count()
+    if count is not None:              # |r_j| <= (units changed) * max |W|
+        bound = count * s.p_wmax[k - 1]
+    else:
+        lo, hi = torch.aminmax(r)
+        bound = max(-float(lo), float(hi))
+    if _exp_space_ok(bound, r.dtype):
+        return _softplus_shift_sum(s.p_sig[k - 1][:, None, :], s.p_sig_neg[k - 1][:, None, :],
+                                   torch.exp(r, out=r), bound)
+    pre = s.p_pre[k - 1]
+    return _softplus_sum(r.add_(pre[:, None, :]), tmp) - softplus(pre).sum(-1)[:, None]
+
+
 @torch.no_grad()
 def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
                 max_elements: int = 1 << 21, workspace: Workspace | None = None) -> list[Tensor]:
@@ -146,62 +302,118 @@ def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
     L, B = model.n_layers, x.shape[0]
     below = [x] + zs                                              # below[k] = z_k
     lus = [logit_of_uniform(u) for u in uniforms]                 # lus[k-1]: layer k
-    # terms at the sampled configuration, reused by every branch
-    p_pre = [model.p_nets[k - 1].first(below[k]) for k in range(1, L + 1)]            # [B, h]
-    logp = [bernoulli_log_prob(below[k - 1], model.p_nets[k - 1].tail(p_pre[k - 1])) for k in range(1, L + 1)]
-    q_pre = [model.q_nets[k - 1].first(model.q_input(k, below[k - 1])) for k in range(1, L + 1)]
-    ent = [bernoulli_entropy(model.q_nets[k - 1].tail(q_pre[k - 1])) for k in range(1, L + 1)]
-    prior = bernoulli_log_prob(below[L], model.prior_logits)
-    widest = max(model.sizes)
+    # terms at the sampled configuration, shared by every branch
+    s = _Sample(model, below, lus)
     deltas = []
     for l in range(1, L + 1):
         H = model.sizes[l]
         d = 1 - 2 * below[l]                                      # [B, H]: the change a flip makes
-        chunk = max(1, min(H, max_elements // max(1, B * widest)))
+        p_net = model.p_nets[l - 1]
+        table = _FlipTable(p_net, below[l], below[l - 1], s.p_pre[l - 1]) if p_net.is_linear else None
+        if table is not None and not table.usable:
+            table = None                                          # weights too large for exp space
+        # chunks of units sized by the widest layer re-simulated above l; the (often wider) layer
+        # below is handled in sub-chunks of its own size, so each operation works on large tensors
+        chunk = _chunk(max_elements, B, max(model.sizes[l:]), H)
         out = torch.empty_like(d)
-        for s in range(0, H, chunk):
-            e = min(H, s + chunk)
-            out[:, s:e] = _branch(model, below, lus, p_pre, q_pre, logp, ent, prior, l, d[:, s:e], s, ws)
+        for a in range(0, H, chunk):
+            e = min(H, a + chunk)
+            delta = out[:, a:e]
+            sub = _chunk(max_elements, B, model.sizes[l - 1], e - a)
+            for a2 in range(a, e, sub):
+                e2 = min(e, a2 + sub)
+                delta[:, a2 - a:e2 - a] = _p_flip_term(model, s, table, l, d[:, a2:e2], a2, ws)
+            _add_resimulated(delta, model, s, l, d[:, a:e], a, ws)
         deltas.append(out)
     return deltas
 
 
-def _branch(model: SBN, below, lus, p_pre, q_pre, logp, ent, prior, l: int, d: Tensor, start: int,
-            ws: Workspace) -> Tensor:
-    """Delta for flipping units start..start+c-1 of layer l, ``[B, c]``."""
+def _chunk(max_elements: int, B: int, width: int, n: int) -> int:
+    return max(1, min(n, max_elements // max(1, B * width)))
+
+
+class _Sample:
+    """Quantities at the sampled configuration that every branch reuses."""
+
+    def __init__(self, model: SBN, below: list[Tensor], lus: list[Tensor]):
+        L = model.n_layers
+        self.below, self.lus = below, lus
+        self.p_pre = [model.p_nets[k - 1].first(below[k]) for k in range(1, L + 1)]       # [B, H_{k-1}]
+        self.logp = [bernoulli_log_prob(below[k - 1], model.p_nets[k - 1].tail(self.p_pre[k - 1]))
+                     for k in range(1, L + 1)]
+        self.p_sig = [torch.sigmoid(p) for p in self.p_pre]
+        self.p_sig_neg = [torch.sigmoid(-p) for p in self.p_pre]
+        self.p_wmax = [float(net.first.weight.abs().max()) if net.first.weight.numel() else 0.0
+                       for net in model.p_nets]
+        self.q_pre = [model.q_nets[k - 1].first(model.q_input(k, below[k - 1])) for k in range(1, L + 1)]
+        self.ent = [bernoulli_entropy(model.q_nets[k - 1].tail(self.q_pre[k - 1])) for k in range(1, L + 1)]
+        # v . W for the net p_k, v = z_{k-1} its target: v . (dz @ W.T) = dz . (v @ W)
+        # first-layer weights transposed, contiguous: rows are gathered for the units a flip changes
+        self.p_wt = [net.first.weight.T.contiguous() for net in model.p_nets]
+        self.q_wt = [net.first.weight.T.contiguous() for net in model.q_nets]
+        self.p_vw = [below[k - 1] @ model.p_nets[k - 1].first.weight if model.p_nets[k - 1].is_linear else None
+                     for k in range(1, L + 1)]
+
+
+def _p_flip_term(model: SBN, s: _Sample, table: _FlipTable | None, l: int, d: Tensor, start: int,
+                 ws: Workspace) -> Tensor:
+    """log p(z_{l-1} | z'_l) - log p(z_{l-1} | z_l) for flipping units start..start+c-1 of layer l, ``[B, c]``:
+    a rank-1 change of the first affine map of p_l."""
+    if table is not None:
+        return table.log_prob_change(d, start, ws)
+    return _log_prob_rank1(model.p_nets[l - 1], s.below[l - 1], s.p_pre[l - 1], d, start, ws) \
+        - s.logp[l - 1][:, None]
+
+
+def _add_resimulated(delta: Tensor, model: SBN, s: _Sample, l: int, d: Tensor, start: int, ws: Workspace) -> None:
+    """Adds to ``delta [B, c]`` the terms of the layers above l after flipping units start..start+c-1 of
+    layer l and re-simulating z'_{l+1..L} from the same uniforms: entropies of q_{l+1..L}, log p(z'_{k-1} |
+    z'_k) for k > l, and the prior."""
     L = model.n_layers
+    below = s.below
     B, c = d.shape
     j = torch.arange(c, device=d.device)
-    # log p(z_{l-1} | z'_l): rank-1 update of the first affine map of p_l
-    delta = _log_prob_rank1(model.p_nets[l - 1], below[l - 1], p_pre[l - 1], d, start, ws) - logp[l - 1][:, None]
-    parent = None                                                  # z'_{k-1} as [B, c, H], when materialized
+    changes = None                                                 # _Changes of z'_{k-1}, k > l+1
     for k in range(l + 1, L + 1):                                  # re-simulate z'_k with the same uniforms
-        net, H_k, H_below = model.q_nets[k - 1], model.sizes[k], model.sizes[k - 1]
-        if k == l + 1:                                             # rank-1 update again
-            q_logits = net.tail(_rank1_pre(net, q_pre[k - 1], d, start, ws.get("a", (B, c, net.first.out_features), d)))
-        else:
-            q_logits = net(parent)
+        q_net = model.q_nets[k - 1]
+        shape = (B, c, q_net.first.out_features)
+        if k == l + 1:                                             # rank-1 change again
+            q_pre = _rank1_pre(q_net, s.q_pre[k - 1], d, start, ws.get("a", shape, d))
+        else:                                                      # the few units of z'_{k-1} that changed
+            q_pre = changes.times(s.q_wt[k - 1], ws.get("a", shape, d)).add_(s.q_pre[k - 1][:, None, :])
+        q_logits = q_net.tail(q_pre)
         delta += _entropy_sum(q_logits, ws.get("b", q_logits.shape, d), ws.get("c", q_logits.shape, d)) \
-            - ent[k - 1][:, None]
-        z_k = torch.lt(lus[k - 1][:, None, :], q_logits, out=ws.get(f"z{k % 2}", q_logits.shape, d))  # [B, c, H_k]
+            - s.ent[k - 1][:, None]
+        new = _first_resimulated(q_net, s, k, d, start, q_logits) if k == l + 1 and q_net.is_linear else None
+        if new is None:
+            z_k = torch.lt(s.lus[k - 1][:, None, :], q_logits, out=ws.get(f"z{k % 2}", q_logits.shape, d))
+            new = _Changes.from_dense(torch.sub(z_k, below[k][:, None, :], out=z_k), ws.get("b", z_k.shape, d))
+        # log p(z'_{k-1} | z'_k): first affine map of p_k at z'_k = its value at z_k + r
         p_net = model.p_nets[k - 1]
+        p_pre = s.p_pre[k - 1]
+        r = new.times(s.p_wt[k - 1], ws.get("r", (B, c, p_pre.shape[1]), d))        # [B, c, h]
+        # v' . logits' with v = z_{k-1}, v' = z'_{k-1} = v + dv: v . logits' + dv . logits'
         if p_net.is_linear:
-            p_logits = torch.addmm(p_net.first.bias, z_k.view(-1, H_k), p_net.first.weight.T,
-                                   out=ws.get("a", (B * c, H_below), d)).view(B, c, H_below)
+            # v' . (pre + r) - v . pre = v . r + dv . pre + dv . r, and v . r = dz . (v @ W)
+            if changes is None:   # dv: unit start + j of layer l, by d_j
+                dv = d * (p_pre[:, start + j] + r[:, j, start + j])
+            else:
+                dv = changes.dot(p_pre) + changes.dot_rows(r, ws.get("b", r.shape, d))
+            delta += new.dot(s.p_vw[k - 1]) + dv - _shift_sum(r, s, k, new, ws.get("c", r.shape, d))
         else:
-            p_logits = p_net(z_k)                                  # [B, c, H_{k-1}]
-        if parent is None:   # z'_l differs from z_l in unit start + j only
-            vdot = torch.bmm(p_logits, below[l][:, :, None]).squeeze(-1) + d * p_logits[:, j, start + j]
-        else:
-            vdot = torch.mul(p_logits, parent, out=ws.get("b", p_logits.shape, d)).sum(-1)
-        delta += vdot - _softplus_sum(p_logits, ws.get("c", p_logits.shape, d)) - logp[k - 1][:, None]
-        parent = z_k
+            p_logits = p_net.tail(r.add_(p_pre[:, None, :]))      # [B, c, H_{k-1}]
+            vdot = torch.bmm(p_logits, below[k - 1][:, :, None]).squeeze(-1)
+            if changes is None:
+                vdot += d * p_logits[:, j, start + j]
+            else:
+                vdot += changes.dot_rows(p_logits, ws.get("b", p_logits.shape, d))
+            delta += vdot - _softplus_sum(p_logits, ws.get("c", p_logits.shape, d)) - s.logp[k - 1][:, None]
+        changes = new
+    b = model.prior_logits
     if l == L:   # only unit i of the prior changes: (z' - z) * b_i
-        delta += d * model.prior_logits[start:start + c]
-    else:
-        b = model.prior_logits
-        delta += parent @ b - F.softplus(b).sum() - prior[:, None]
-    return delta
+        delta += d * b[start:start + c]
+    else:        # log p(z'_L) - log p(z_L) = (z'_L - z_L) . b
+        delta += changes.dot(b.expand(B, -1))
 
 
 class Marginal(Estimator):
