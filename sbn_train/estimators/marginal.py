@@ -163,32 +163,59 @@ def _log_prob_rank1(net, v: Tensor, pre: Tensor, d: Tensor, start: int, ws: Work
 
 
 class _FlipTable:
-    """For a linear net reading the flipped layer: exp(+-W[:, i]) for every input unit i, so that the
-    change of its log-likelihood under a flip is a gather, a multiply-add and a log per group of entries:
+    """For a linear map W ``[h, H]`` reading the flipped layer z ``[B, H]``: e^(d_i W[:, i]), d_i = 1 - 2 z_i,
+    the factor by which a flip of input unit i multiplies e^pre (pre = W z + b), as rows of a table of
+    exp(+-W[:, i]). With s = sigmoid(pre) the flipped map's softplus and sigmoid follow with no exp:
 
-        log p(v | z with unit i flipped) - log p(v | z) = d_i (v . W[:, i]) - sum_j log(1 - s_j + s_j e^(d_i W_ji))
+        softplus(pre + d_i W[:, i]) - softplus(pre) = log F,   sigmoid(pre + d_i W[:, i]) = s e / F,
+        F = 1 - s + s e,   e = e^(d_i W[:, i]),   F in [e^-|W|, e^|W|].
+    """
 
-    with s = sigmoid(net.first(z)) and d_i = 1 - 2 z_i (:func:`_softplus_shift_sum`)."""
-
-    def __init__(self, net, z: Tensor, v: Tensor, pre: Tensor):
-        w = net.first.weight                                      # [h, H]
+    def __init__(self, w: Tensor, z: Tensor):
+        self.w = w
         self.bound = float(w.abs().max()) if w.numel() else 0.0
         self.usable = _exp_space_ok(self.bound, w.dtype)
         if not self.usable:
             return
         H = w.shape[1]
-        self.table = torch.cat([torch.exp(w.T), torch.exp(-w.T)])        # [2H, h]: row i + H z_i
+        self.table = torch.empty(2 * H, w.shape[0], dtype=w.dtype, device=w.device)   # row i + H z_i
+        torch.exp(w.T, out=self.table[:H])
+        torch.reciprocal(self.table[:H], out=self.table[H:])
         self.rows = torch.arange(H, device=z.device) + H * z.long()      # [B, H]
-        self.v_w = v @ w                                          # [B, H]: v . W[:, i]
-        self.s = torch.sigmoid(pre)[:, None, :]                   # [B, 1, h]
-        self.one_minus_s = torch.sigmoid(-pre)[:, None, :]
 
-    def log_prob_change(self, d: Tensor, start: int, ws: Workspace) -> Tensor:
+    def factors(self, d: Tensor, start: int, out: Tensor) -> Tensor:
+        """e^(d_j W[:, start + j]) for the chunk's units, ``[B, c, h]``, into ``out``."""
         B, c = d.shape
         rows = self.rows[:, start:start + c].reshape(-1)
-        e = torch.index_select(self.table, 0, rows, out=ws.get("e", (B * c, self.table.shape[1]), d))
-        shift = _softplus_shift_sum(self.s, self.one_minus_s, e.view(B, c, -1), self.bound)
-        return d * self.v_w[:, start:start + c] - shift
+        return torch.index_select(self.table, 0, rows, out=out.view(B * c, -1)).view(B, c, -1)
+
+
+def _log_prob_change(table: _FlipTable, s: "_Sample", l: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
+    """log p(v | z_l with unit start + j flipped) - log p(v | z_l) for the linear p_l, v = z_{l-1}, ``[B, c]``:
+
+        d_j (v . W[:, j]) - sum_i log(1 - s_i + s_i e^(d_j W_ij))        (:func:`_softplus_shift_sum`)"""
+    B, c = d.shape
+    e = table.factors(d, start, ws.get("e", (B, c, table.w.shape[0]), d))
+    return d * s.p_vw(l)[:, start:start + c] - _softplus_shift_sum(*s.p_sig(l), e, table.bound)
+
+
+def _entropy_change(table: _FlipTable, s: "_Sample", k: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
+    """sum_i H(q_k(z_k,i | z'_{k-1})) - H(q_k(z_k,i | z_{k-1})), ``[B, c]``, for the linear q_k after flipping
+    unit start + j of layer k-1. With a = pre + d_j W[:, j] and H(a) = softplus(a) - a sigmoid(a):
+
+        H(a) - H(pre) = log F - a sigmoid(a) + pre s,   a sigmoid(a) = pre sigmoid(a) + d_j W[:, j] sigmoid(a)
+
+    (:class:`_FlipTable`): a gather, a few multiplications and a log per group, no exp or sigmoid."""
+    B, c = d.shape
+    h = table.w.shape[0]
+    sig, one_minus_sig = s.q_sig(k)                                # [B, 1, h]
+    e = table.factors(d, start, ws.get("e", (B, c, h), d))
+    f = torch.addcmul(one_minus_sig, sig, e, out=ws.get("f", (B, c, h), d))
+    flipped_sig = e.mul_(sig).div_(f)                              # sigmoid(a)
+    pre = s.q_pre[k - 1]
+    w = table.w[:, start:start + c].T.contiguous()                 # [c, h]
+    a_sig = torch.bmm(flipped_sig, pre[:, :, None]).squeeze(-1) + d * flipped_sig.mul_(w).sum(-1)
+    return _sum_log(f, table.bound) - a_sig + s.q_pre_sig(k)[:, None]
 
 
 class _Changes:
@@ -247,13 +274,13 @@ class _Changes:
         return (self.dz_k * torch.gather(t, 2, self.idx[:, None, :].expand(B, c, K))).sum(-1)
 
 
-def _first_resimulated(q_net, s: "_Sample", k: int, d: Tensor, start: int, q_pre: Tensor) -> _Changes | None:
-    """Sparse changes of z'_k when layer k-1 = l had its units start..start+c-1 flipped (``q_pre`` the
-    rank-1 updated pre-activations of the linear q_k, ``[B, c, H_k]``), without a pass over ``q_pre``.
+def _first_resimulated(q_net, s: "_Sample", k: int, d: Tensor, start: int) -> _Changes | None:
+    """Sparse changes of z'_k when layer k-1 = l had its units start..start+c-1 flipped (q_k linear),
+    without a pass over all B c H_k flipped logits.
 
     A flip moves the logit of unit i by at most m_i = max_j |W_ij| over the flipped units, so only units
-    with |logit(u_i) - a_i| <= m_i (plus rounding slack) can change; the decisions on those units are
-    read from the same ``q_pre`` the dense path would compare. None when too many units qualify."""
+    with |logit(u_i) - a_i| <= m_i (plus rounding slack) can change; only their flipped logits are formed
+    and compared with logit(u_i). None when too many units qualify (then the dense path runs)."""
     if d.device.type != "cpu":
         return None
     w = q_net.first.weight[:, start:start + d.shape[1]]           # [H_k, c]
@@ -261,7 +288,7 @@ def _first_resimulated(q_net, s: "_Sample", k: int, d: Tensor, start: int, q_pre
     lu, pre, z = s.lus[k - 1], s.q_pre[k - 1], s.below[k]
     slack = 4 * torch.finfo(pre.dtype).eps * (lu.abs() + pre.abs() + m)
     maybe = (lu - pre).abs_().le_(m + slack)                       # [B, H_k]
-    B, c, H = q_pre.shape
+    (B, c), H = d.shape, pre.shape[1]
     K = int(maybe.sum(1).max())
     if 4 * K > H:
         return None
@@ -279,12 +306,12 @@ def _shift_sum(r: Tensor, s: "_Sample", k: int, changes: _Changes, tmp: Tensor) 
     direct sums when |r| may be too large for exp space."""
     count = changes.max_count()
     if count is not None:              # |r_j| <= (units changed) * max |W|
-        bound = count * s.p_wmax[k - 1]
+        bound = count * s.p_wmax(k)
     else:
         lo, hi = torch.aminmax(r)
         bound = max(-float(lo), float(hi))
     if _exp_space_ok(bound, r.dtype):
-        return _softplus_shift_sum(s.p_sig[k - 1][:, None, :], s.p_sig_neg[k - 1][:, None, :],
+        return _softplus_shift_sum(*s.p_sig(k),
                                    torch.exp(r, out=r), bound)
     pre = s.p_pre[k - 1]
     return _softplus_sum(r.add_(pre[:, None, :]), tmp) - softplus(pre).sum(-1)[:, None]
@@ -308,10 +335,8 @@ def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
     for l in range(1, L + 1):
         H = model.sizes[l]
         d = 1 - 2 * below[l]                                      # [B, H]: the change a flip makes
-        p_net = model.p_nets[l - 1]
-        table = _FlipTable(p_net, below[l], below[l - 1], s.p_pre[l - 1]) if p_net.is_linear else None
-        if table is not None and not table.usable:
-            table = None                                          # weights too large for exp space
+        p_table = _table(model.p_nets[l - 1], below[l])                      # p_l reads z_l
+        q_table = _table(model.q_nets[l], below[l]) if l < L else None        # so does q_{l+1}
         # chunks of units sized by the widest layer re-simulated above l; the (often wider) layer
         # below is handled in sub-chunks of its own size, so each operation works on large tensors
         chunk = _chunk(max_elements, B, max(model.sizes[l:]), H)
@@ -322,8 +347,8 @@ def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
             sub = _chunk(max_elements, B, model.sizes[l - 1], e - a)
             for a2 in range(a, e, sub):
                 e2 = min(e, a2 + sub)
-                delta[:, a2 - a:e2 - a] = _p_flip_term(model, s, table, l, d[:, a2:e2], a2, ws)
-            _add_resimulated(delta, model, s, l, d[:, a:e], a, ws)
+                delta[:, a2 - a:e2 - a] = _p_flip_term(model, s, p_table, l, d[:, a2:e2], a2, ws)
+            _add_resimulated(delta, model, s, q_table, l, d[:, a:e], a, ws)
         deltas.append(out)
     return deltas
 
@@ -332,27 +357,64 @@ def _chunk(max_elements: int, B: int, width: int, n: int) -> int:
     return max(1, min(n, max_elements // max(1, B * width)))
 
 
+def _table(net, z: Tensor) -> _FlipTable | None:
+    """The exp table of a net reading the flipped layer: linear nets only, weights within exp range."""
+    if not net.is_linear:
+        return None
+    table = _FlipTable(net.first.weight, z)
+    return table if table.usable else None
+
+
 class _Sample:
-    """Quantities at the sampled configuration that every branch reuses."""
+    """Quantities at the sampled configuration that the branches reuse, each computed on first use
+    (``k`` numbers layers from 1 as in the paper; nets p_k and q_k)."""
 
     def __init__(self, model: SBN, below: list[Tensor], lus: list[Tensor]):
+        self.model, self.below, self.lus = model, below, lus
         L = model.n_layers
-        self.below, self.lus = below, lus
         self.p_pre = [model.p_nets[k - 1].first(below[k]) for k in range(1, L + 1)]       # [B, H_{k-1}]
-        self.logp = [bernoulli_log_prob(below[k - 1], model.p_nets[k - 1].tail(self.p_pre[k - 1]))
-                     for k in range(1, L + 1)]
-        self.p_sig = [torch.sigmoid(p) for p in self.p_pre]
-        self.p_sig_neg = [torch.sigmoid(-p) for p in self.p_pre]
-        self.p_wmax = [float(net.first.weight.abs().max()) if net.first.weight.numel() else 0.0
-                       for net in model.p_nets]
-        self.q_pre = [model.q_nets[k - 1].first(model.q_input(k, below[k - 1])) for k in range(1, L + 1)]
-        self.ent = [bernoulli_entropy(model.q_nets[k - 1].tail(self.q_pre[k - 1])) for k in range(1, L + 1)]
-        # v . W for the net p_k, v = z_{k-1} its target: v . (dz @ W.T) = dz . (v @ W)
-        # first-layer weights transposed, contiguous: rows are gathered for the units a flip changes
-        self.p_wt = [net.first.weight.T.contiguous() for net in model.p_nets]
-        self.q_wt = [net.first.weight.T.contiguous() for net in model.q_nets]
-        self.p_vw = [below[k - 1] @ model.p_nets[k - 1].first.weight if model.p_nets[k - 1].is_linear else None
-                     for k in range(1, L + 1)]
+        # q_1 reads x, which no flip changes: q_pre / ent are needed from layer 2 on
+        self.q_pre = [None] + [model.q_nets[k - 1].first(below[k - 1]) for k in range(2, L + 1)]
+        self.ent = [None] + [bernoulli_entropy(model.q_nets[k - 1].tail(self.q_pre[k - 1])) for k in range(2, L + 1)]
+        self._cache: dict = {}
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def logp(self, k: int) -> Tensor:
+        """log p(z_{k-1} | z_k), ``[B]``."""
+        return self._cached(("logp", k), lambda: bernoulli_log_prob(
+            self.below[k - 1], self.model.p_nets[k - 1].tail(self.p_pre[k - 1])))
+
+    def p_sig(self, k: int) -> tuple[Tensor, Tensor]:
+        """sigmoid(pre) and sigmoid(-pre) = 1 - sigmoid(pre) for the first affine map of p_k, ``[B, 1, h]``."""
+        return self._cached(("p_sig", k), lambda: (torch.sigmoid(self.p_pre[k - 1])[:, None, :],
+                                                   torch.sigmoid(-self.p_pre[k - 1])[:, None, :]))
+
+    def q_sig(self, k: int) -> tuple[Tensor, Tensor]:
+        """sigmoid(pre) and sigmoid(-pre) for the first affine map of q_k, ``[B, 1, h]``."""
+        return self._cached(("q_sig", k), lambda: (torch.sigmoid(self.q_pre[k - 1])[:, None, :],
+                                                   torch.sigmoid(-self.q_pre[k - 1])[:, None, :]))
+
+    def q_pre_sig(self, k: int) -> Tensor:
+        """sum_i pre_i sigmoid(pre_i) for the first affine map of q_k, ``[B]``."""
+        return self._cached(("q_pre_sig", k), lambda: (self.q_pre[k - 1] * self.q_sig(k)[0][:, 0]).sum(-1))
+
+    def p_wmax(self, k: int) -> float:
+        w = self.model.p_nets[k - 1].first.weight
+        return self._cached(("p_wmax", k), lambda: float(w.abs().max()) if w.numel() else 0.0)
+
+    def w_t(self, net: str, k: int) -> Tensor:
+        """First-layer weight of p_k or q_k transposed and contiguous: rows are gathered for the units a
+        flip changes (gathering rows of the transposed view is ten times slower)."""
+        nets = self.model.p_nets if net == "p" else self.model.q_nets
+        return self._cached((net, k), lambda: nets[k - 1].first.weight.T.contiguous())
+
+    def p_vw(self, k: int) -> Tensor:
+        """v @ W for the linear p_k and its target v = z_{k-1}: v . (dz @ W.T) = dz . (v @ W), ``[B, H_k]``."""
+        return self._cached(("p_vw", k), lambda: self.below[k - 1] @ self.model.p_nets[k - 1].first.weight)
 
 
 def _p_flip_term(model: SBN, s: _Sample, table: _FlipTable | None, l: int, d: Tensor, start: int,
@@ -360,12 +422,13 @@ def _p_flip_term(model: SBN, s: _Sample, table: _FlipTable | None, l: int, d: Te
     """log p(z_{l-1} | z'_l) - log p(z_{l-1} | z_l) for flipping units start..start+c-1 of layer l, ``[B, c]``:
     a rank-1 change of the first affine map of p_l."""
     if table is not None:
-        return table.log_prob_change(d, start, ws)
+        return _log_prob_change(table, s, l, d, start, ws)
     return _log_prob_rank1(model.p_nets[l - 1], s.below[l - 1], s.p_pre[l - 1], d, start, ws) \
-        - s.logp[l - 1][:, None]
+        - s.logp(l)[:, None]
 
 
-def _add_resimulated(delta: Tensor, model: SBN, s: _Sample, l: int, d: Tensor, start: int, ws: Workspace) -> None:
+def _add_resimulated(delta: Tensor, model: SBN, s: _Sample, q_table: _FlipTable | None, l: int, d: Tensor,
+                     start: int, ws: Workspace) -> None:
     """Adds to ``delta [B, c]`` the terms of the layers above l after flipping units start..start+c-1 of
     layer l and re-simulating z'_{l+1..L} from the same uniforms: entropies of q_{l+1..L}, log p(z'_{k-1} |
     z'_k) for k > l, and the prior."""
@@ -377,21 +440,27 @@ def _add_resimulated(delta: Tensor, model: SBN, s: _Sample, l: int, d: Tensor, s
     for k in range(l + 1, L + 1):                                  # re-simulate z'_k with the same uniforms
         q_net = model.q_nets[k - 1]
         shape = (B, c, q_net.first.out_features)
-        if k == l + 1:                                             # rank-1 change again
-            q_pre = _rank1_pre(q_net, s.q_pre[k - 1], d, start, ws.get("a", shape, d))
-        else:                                                      # the few units of z'_{k-1} that changed
-            q_pre = changes.times(s.q_wt[k - 1], ws.get("a", shape, d)).add_(s.q_pre[k - 1][:, None, :])
-        q_logits = q_net.tail(q_pre)
-        delta += _entropy_sum(q_logits, ws.get("b", q_logits.shape, d), ws.get("c", q_logits.shape, d)) \
-            - s.ent[k - 1][:, None]
-        new = _first_resimulated(q_net, s, k, d, start, q_logits) if k == l + 1 and q_net.is_linear else None
+        q_logits, new = None, None
+        if k == l + 1 and q_table is not None:                     # rank-1 change of a linear q_k
+            delta += _entropy_change(q_table, s, k, d, start, ws)
+            new = _first_resimulated(q_net, s, k, d, start)
+            if new is None:
+                q_logits = _rank1_pre(q_net, s.q_pre[k - 1], d, start, ws.get("a", shape, d))
+        else:
+            if k == l + 1:                                         # rank-1 change again
+                q_pre = _rank1_pre(q_net, s.q_pre[k - 1], d, start, ws.get("a", shape, d))
+            else:                                                  # the few units of z'_{k-1} that changed
+                q_pre = changes.times(s.w_t("q", k), ws.get("a", shape, d)).add_(s.q_pre[k - 1][:, None, :])
+            q_logits = q_net.tail(q_pre)
+            delta += _entropy_sum(q_logits, ws.get("b", q_logits.shape, d), ws.get("c", q_logits.shape, d)) \
+                - s.ent[k - 1][:, None]
         if new is None:
             z_k = torch.lt(s.lus[k - 1][:, None, :], q_logits, out=ws.get(f"z{k % 2}", q_logits.shape, d))
             new = _Changes.from_dense(torch.sub(z_k, below[k][:, None, :], out=z_k), ws.get("b", z_k.shape, d))
         # log p(z'_{k-1} | z'_k): first affine map of p_k at z'_k = its value at z_k + r
         p_net = model.p_nets[k - 1]
         p_pre = s.p_pre[k - 1]
-        r = new.times(s.p_wt[k - 1], ws.get("r", (B, c, p_pre.shape[1]), d))        # [B, c, h]
+        r = new.times(s.w_t("p", k), ws.get("r", (B, c, p_pre.shape[1]), d))        # [B, c, h]
         # v' . logits' with v = z_{k-1}, v' = z'_{k-1} = v + dv: v . logits' + dv . logits'
         if p_net.is_linear:
             # v' . (pre + r) - v . pre = v . r + dv . pre + dv . r, and v . r = dz . (v @ W)
@@ -399,7 +468,7 @@ def _add_resimulated(delta: Tensor, model: SBN, s: _Sample, l: int, d: Tensor, s
                 dv = d * (p_pre[:, start + j] + r[:, j, start + j])
             else:
                 dv = changes.dot(p_pre) + changes.dot_rows(r, ws.get("b", r.shape, d))
-            delta += new.dot(s.p_vw[k - 1]) + dv - _shift_sum(r, s, k, new, ws.get("c", r.shape, d))
+            delta += new.dot(s.p_vw(k)) + dv - _shift_sum(r, s, k, new, ws.get("c", r.shape, d))
         else:
             p_logits = p_net.tail(r.add_(p_pre[:, None, :]))      # [B, c, H_{k-1}]
             vdot = torch.bmm(p_logits, below[k - 1][:, :, None]).squeeze(-1)
@@ -407,7 +476,7 @@ def _add_resimulated(delta: Tensor, model: SBN, s: _Sample, l: int, d: Tensor, s
                 vdot += d * p_logits[:, j, start + j]
             else:
                 vdot += changes.dot_rows(p_logits, ws.get("b", p_logits.shape, d))
-            delta += vdot - _softplus_sum(p_logits, ws.get("c", p_logits.shape, d)) - s.logp[k - 1][:, None]
+            delta += vdot - _softplus_sum(p_logits, ws.get("c", p_logits.shape, d)) - s.logp(k)[:, None]
         changes = new
     b = model.prior_logits
     if l == L:   # only unit i of the prior changes: (z' - z) * b_i
