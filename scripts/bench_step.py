@@ -49,9 +49,15 @@ def load_images(kind: str, device: torch.device) -> torch.Tensor:
     return torch.rand(5000, 784, generator=g).to(device)
 
 
+CHECKPOINT: str | None = None     # --checkpoint: a run's checkpoint.pt / best.pt whose model weights are timed
+
+
 def make(est_name: str, sizes: list[int], n_hidden: int, x_mean: torch.Tensor, device: torch.device):
     torch.manual_seed(0)
-    model = SBN(x_mean.numel(), sizes, n_hidden, x_mean=x_mean).to(device)
+    model = SBN(x_mean.numel(), sizes, n_hidden, x_mean=x_mean)
+    if CHECKPOINT:
+        model.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=False)["model"])
+    model = model.to(device)
     if est_name == "marginal_reference":
         est = build_estimator("marginal", model, implementation="reference")
     else:
@@ -117,7 +123,7 @@ def time_estimators(names, sizes, n_hidden, batch, rounds, images, device, slow_
 
 def peak_memory_mb(est: str, model: str, batch: int, device: str, data: str, sizes: str | None = None) -> float:
     cmd = [sys.executable, __file__, "--_memory", est, "--models", model, "--batch", str(batch), "--threads", "1",
-           "--device", device, "--data", data]
+           "--device", device, "--data", data] + (["--checkpoint", CHECKPOINT] if CHECKPOINT else [])
     if sizes:
         cmd += ["--_sizes", sizes]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
@@ -203,10 +209,16 @@ def main() -> None:
     ap.add_argument("--data", default="mnist", choices=["mnist", "random"])
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--checkpoint", help="time the model weights of this checkpoint (a run of the same model) "
+                                         "instead of the initialization")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--_memory", help=argparse.SUPPRESS)
     ap.add_argument("--_sizes", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global CHECKPOINT
+    CHECKPOINT = args.checkpoint
+    if CHECKPOINT and not Path(CHECKPOINT).is_file():
+        sys.exit(f"bench_step.py: no checkpoint at {CHECKPOINT}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._memory:

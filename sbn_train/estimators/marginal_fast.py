@@ -57,24 +57,39 @@ def _exp_space_ok(bound: float, dtype: torch.dtype) -> bool:
     return bound <= _LOG_RANGE.get(dtype, 0.0)            # False for nan as well
 
 
-def _sum_log(t: Tensor, bound: float) -> Tensor:
-    """sum_j log(t_j) over the last dim for factors t_j in [e^-bound, e^bound].
-
-    Groups of g consecutive factors are multiplied first (g the largest divisor of the width with
-    g * bound within the dtype's range), so one log covers g entries: on the CPU a log costs as much
-    as a dozen multiplications, and a product over a contiguous group is a fast reduction."""
-    width = t.shape[-1]
-    limit = _LOG_RANGE.get(t.dtype, 0.0)
-    g = _group(width, width if bound <= 0 else min(width, int(limit / bound)))
-    if g == 1:
+def _sum_log(t: Tensor, group: int) -> Tensor:
+    """sum_j log(t_j) over the last dim as the sum of logs of products over ``group`` consecutive
+    entries (``group`` divides the width; the caller guarantees each product stays in range). One log
+    covers ``group`` entries: on the CPU a log costs as much as a dozen multiplications, and a product
+    over a contiguous group is a fast reduction."""
+    if group == 1:
         return t.log().sum(-1)
-    return t.unflatten(-1, (width // g, g)).prod(-1).log_().sum(-1)
+    return t.unflatten(-1, (t.shape[-1] // group, group)).prod(-1).log_().sum(-1)
+
+
+def _largest_group(width: int, dtype: torch.dtype, bound_of_group) -> int:
+    """The largest divisor g of ``width`` whose products stay in range: ``bound_of_group(g)`` bounds
+    |sum of the logs| over any g consecutive entries (1 if no larger g qualifies)."""
+    limit = _LOG_RANGE.get(dtype, 0.0)
+    return next(g for g in _divisors(width) if g == 1 or bound_of_group(g) <= limit)
 
 
 @functools.lru_cache(maxsize=None)
-def _group(width: int, most: int) -> int:
-    """The largest divisor of ``width`` that is at most ``most`` (1 if none)."""
-    return max((k for k in range(1, most + 1) if width % k == 0), default=1)
+def _divisors(width: int) -> tuple[int, ...]:
+    return tuple(g for g in range(width, 0, -1) if width % g == 0)
+
+
+def _uniform_group(width: int, bound: float, dtype: torch.dtype) -> int:
+    """:func:`_largest_group` for factors in [e^-bound, e^bound]."""
+    return _largest_group(width, dtype, lambda g: g * bound)
+
+
+def _column_group_max(w_abs: Tensor, g: int) -> float:
+    """max over columns j and groups G of g consecutive rows of sum_{i in G} |W_ij|, for w_abs = |W| [h, H]:
+    for F_i = 1 - s_i + s_i e^(r_i) one has |log F_i| <= |r_i|, so a flip of input unit j (r = +-W[:, j])
+    moves any group's sum of logs by at most this much."""
+    h, H = w_abs.shape
+    return float(w_abs.view(h // g, g, H).sum(1).max()) if w_abs.numel() else 0.0
 
 
 _LOG2 = 0.6931471805599453
@@ -89,17 +104,17 @@ def _softplus_sum(a: Tensor, tmp: Tensor, a_sum: Tensor | None = None) -> Tensor
     s = a.sum(-1) if a_sum is None else a_sum.clone()
     t = torch.abs(a, out=tmp)
     s = s.add_(t.sum(-1)).mul_(0.5)
-    return s.sub_(_sum_log(t.sigmoid_(), _LOG2))        # sigmoid(|a|) in [1/2, 1]
+    return s.sub_(_sum_log(t.sigmoid_(), _uniform_group(t.shape[-1], _LOG2, t.dtype)))   # in [1/2, 1]
 
 
-def _softplus_shift_sum(s: Tensor, one_minus_s: Tensor, e: Tensor, bound: float) -> Tensor:
+def _softplus_shift_sum(s: Tensor, one_minus_s: Tensor, e: Tensor, group: int) -> Tensor:
     """sum_j [softplus(a_j + r_j) - softplus(a_j)] over the last dim, from s = sigmoid(a), 1 - s (both
     broadcasting) and e = exp(r), which it overwrites: (1 + e^(a+r)) / (1 + e^a) = (1 - s) + s e^r.
 
     A multiply-add per entry and a log per group of entries (:func:`_sum_log`), and the difference comes
-    out directly instead of as the difference of two large sums. Each factor lies in [e^-|r|, e^|r|]:
-    ``bound`` >= max |r|."""
-    return _sum_log(torch.addcmul(one_minus_s, s, e, out=e), bound)
+    out directly instead of as the difference of two large sums. Each factor lies in [e^-|r|, e^|r|];
+    ``group`` must keep products of that many in range (:func:`_largest_group`)."""
+    return _sum_log(torch.addcmul(one_minus_s, s, e, out=e), group)
 
 
 def _entropy_sum(a: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
@@ -108,7 +123,7 @@ def _entropy_sum(a: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
     torch.sigmoid(t1, out=t2)
     h = t1.sum(-1)
     h.sub_(t1.mul_(t2).sum(-1))
-    return h.sub_(_sum_log(t2, _LOG2))
+    return h.sub_(_sum_log(t2, _uniform_group(t2.shape[-1], _LOG2, t2.dtype)))
 
 
 def _rank1_pre(net, pre: Tensor, d: Tensor, start: int, out: Tensor) -> Tensor:
@@ -144,10 +159,11 @@ class _FlipTable:
 
     def __init__(self, w: Tensor, z: Tensor):
         self.w = w
-        self.bound = float(w.abs().max()) if w.numel() else 0.0
-        self.usable = _exp_space_ok(self.bound, w.dtype)
+        w_abs = w.abs()
+        self.usable = _exp_space_ok(float(w_abs.max()) if w.numel() else 0.0, w.dtype)
         if not self.usable:
             return
+        self.group = _largest_group(w.shape[0], w.dtype, functools.partial(_column_group_max, w_abs))
         H = w.shape[1]
         self.table = torch.empty(2 * H, w.shape[0], dtype=w.dtype, device=w.device)   # row i + H z_i
         torch.exp(w.T, out=self.table[:H])
@@ -167,7 +183,7 @@ def _log_prob_change(table: _FlipTable, s: "_Sample", l: int, d: Tensor, start: 
         d_j (v . W[:, j]) - sum_i log(1 - s_i + s_i e^(d_j W_ij))        (:func:`_softplus_shift_sum`)"""
     B, c = d.shape
     e = table.factors(d, start, ws.get("e", (B, c, table.w.shape[0]), d))
-    return d * s.p_vw(l)[:, start:start + c] - _softplus_shift_sum(*s.p_sig(l), e, table.bound)
+    return d * s.p_vw(l)[:, start:start + c] - _softplus_shift_sum(*s.p_sig(l), e, table.group)
 
 
 def _entropy_change(table: _FlipTable, s: "_Sample", k: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
@@ -185,7 +201,7 @@ def _entropy_change(table: _FlipTable, s: "_Sample", k: int, d: Tensor, start: i
     flipped_sig = e.mul_(sig).div_(f)                              # sigmoid(a)
     w = table.w[:, start:start + c].T.contiguous()                 # [c, h]
     a = torch.addcmul(s.q_pre[k - 1][:, None, :], d[:, :, None], w[None], out=ws.get("a", (B, c, h), d))
-    return _sum_log(f, table.bound) - flipped_sig.mul_(a).sum(-1) + s.q_pre_sig(k)[:, None]
+    return _sum_log(f, table.group) - flipped_sig.mul_(a).sum(-1) + s.q_pre_sig(k)[:, None]
 
 
 class _Changes:
@@ -276,15 +292,17 @@ def _shift_sum(r: Tensor, s: "_Sample", k: int, changes: _Changes, tmp: Tensor) 
     """sum_j [softplus(pre_j + r_j) - softplus(pre_j)], ``[B, c]``, for pre the first-layer pre-activations
     of p_k at the sample and r = dz @ W.T (``changes``); overwrites ``r [B, c, h]``. Falls back to the
     direct sums when |r| may be too large for exp space."""
+    width = r.shape[-1]
     count = changes.max_count()
-    if count is not None:              # |r_j| <= (units changed) * max |W|
-        bound = count * s.p_wmax(k)
+    if count is not None:   # r = sum of at most `count` columns +-W[:, u]: bounds per column, times count
+        bound = count * s.p_group_max(k, 1)
+        group = _largest_group(width, r.dtype, lambda g: count * s.p_group_max(k, g))
     else:
         lo, hi = torch.aminmax(r)
         bound = max(-float(lo), float(hi))
+        group = _uniform_group(width, bound, r.dtype)
     if _exp_space_ok(bound, r.dtype):
-        return _softplus_shift_sum(*s.p_sig(k),
-                                   torch.exp(r, out=r), bound)
+        return _softplus_shift_sum(*s.p_sig(k), torch.exp(r, out=r), group)
     pre = s.p_pre[k - 1]
     return _softplus_sum(r.add_(pre[:, None, :]), tmp) - softplus(pre).sum(-1)[:, None]
 
@@ -374,9 +392,10 @@ class _Sample:
         """sum_i pre_i sigmoid(pre_i) for the first affine map of q_k, ``[B]``."""
         return self._cached(("q_pre_sig", k), lambda: (self.q_pre[k - 1] * self.q_sig(k)[0][:, 0]).sum(-1))
 
-    def p_wmax(self, k: int) -> float:
-        w = self.model.p_nets[k - 1].first.weight
-        return self._cached(("p_wmax", k), lambda: float(w.abs().max()) if w.numel() else 0.0)
+    def p_group_max(self, k: int, g: int) -> float:
+        """:func:`_column_group_max` of the first affine map of p_k (g = 1: max |W|)."""
+        w_abs = self._cached(("p_abs", k), lambda: self.model.p_nets[k - 1].first.weight.abs())
+        return self._cached(("p_group_max", k, g), lambda: _column_group_max(w_abs, g))
 
     def w_t(self, net: str, k: int) -> Tensor:
         """First-layer weight of p_k or q_k transposed and contiguous: rows are gathered for the units a

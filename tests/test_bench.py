@@ -1,0 +1,39 @@
+"""scripts/bench_step.py runs end to end and reports what the speed targets are read from."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sbn_train.models import SBN
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_step.py"
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), "--data", "random", "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_headline_reports_ratios_and_memory(tmp_path):
+    # a checkpoint of the timed model, as a training run writes it
+    torch.manual_seed(3)
+    model = SBN(784, [200], 0)
+    torch.save({"model": model.state_dict()}, tmp_path / "checkpoint.pt")
+    out = bench("--models", "sbn_1layer", "--batch", "8", "--rounds", "1", "--slow-rounds", "1",
+                "--checkpoint", str(tmp_path / "checkpoint.pt"))
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()
+            if line.split() and line.split()[0] in ("reinforce", "nvil", "marginal", "marginal_reference")}
+    assert set(rows) == {"reinforce", "nvil", "marginal", "marginal_reference"}
+    for cols in rows.values():                      # forward, backward, optim, step, /reinforce, peak MB
+        assert len(cols) == 6 and all(float(c) > 0 for c in cols[:4]) and float(cols[5]) >= 0
+    assert float(re.search(r"ratio marginal/nvil = ([\d.]+)", out.stdout).group(1)) > 0
+    assert float(re.search(r"ratio marginal_reference/marginal = ([\d.]+)", out.stdout).group(1)) > 0
+
+
+def test_missing_checkpoint_is_a_short_error(tmp_path):
+    out = bench("--checkpoint", str(tmp_path / "nope.pt"))
+    assert out.returncode != 0
+    assert "no checkpoint at" in out.stderr and "Traceback" not in out.stderr
