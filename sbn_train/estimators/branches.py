@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, softplus, threshold
+from .marginal_fast import _FlipTable, _softplus_shift_sum
 
 
 @dataclass
@@ -60,19 +61,35 @@ def resimulate(model: SBN, zs: list[Tensor], lus: list[Tensor], l: int, z_l: Ten
     return out
 
 
+@torch.no_grad()
 def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor, max_elements: int = 1 << 21) -> Tensor:
-    """``[B, H]``: entry (b, i) = log Bern(target_b | sigmoid(net(inp_b with unit i flipped))).
+    """``[B, H]``: entry (b, i) = log Bern(target_b | sigmoid(net(inp_b with unit i flipped))), no gradient.
 
     ``inp`` is the net's input ``[B, H]`` (already centred where the net expects it; a flip changes it
     by +-1 either way); ``target`` is ``[B, D]``. A flip moves the pre-activations of ``net.first`` by
     (1 - 2 inp_i) W[:, i], so the product over the other inputs is not redone; units go in chunks of
-    at most ``max_elements`` temporaries.
+    at most ``max_elements`` temporaries. For a linear net and a binary input the changes come from the
+    exp tables of the marginal estimator's fast path (no exp or log per entry).
     """
     B, H = inp.shape
     pre = net.first(inp)                                        # [B, h]
     d = 1 - 2 * inp                                             # [B, H]: the change a flip makes
     width = max(pre.shape[-1], target.shape[-1])
     chunk = max(1, min(H, max_elements // max(1, B * width)))
+    if net.is_linear and bool(((inp == 0) | (inp == 1)).all()):
+        table = _FlipTable(net.first.weight, inp)
+        if table.usable:                                        # exp-space route of the marginal estimator
+            s, one_minus_s = torch.sigmoid(pre)[:, None, :], torch.sigmoid(-pre)[:, None, :]
+            base = bernoulli_log_prob(target, pre)[:, None]     # [B, 1]
+            v_w = target @ net.first.weight                     # [B, H]: target . W[:, i]
+            out = torch.empty_like(d)
+            scratch = torch.empty(B * chunk * pre.shape[-1], dtype=pre.dtype, device=pre.device)
+            for a in range(0, H, chunk):
+                e = min(H, a + chunk)
+                f = table.factors(d[:, a:e], a, scratch[:B * (e - a) * pre.shape[-1]])
+                shift = _softplus_shift_sum(s, one_minus_s, f, table.group)
+                out[:, a:e] = base + d[:, a:e] * v_w[:, a:e] - shift
+            return out
     base = (target * pre).sum(-1, keepdim=True) if net.is_linear else None       # [B, 1]
     out = []
     for s in range(0, H, chunk):
