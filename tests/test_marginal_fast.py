@@ -14,6 +14,7 @@ MODELS = [
     (10, (24, 32), 0, 0.2),
     (10, (16, 20, 16, 20), 0, 0.2),
     (10, (12, 16), 2, 0.2),
+    (10, (12, 16, 12), 1, 0.3),
     (10, (24, 32), 0, 3.0),
     (10, (16, 20, 16, 20), 0, 3.0),
 ]
@@ -107,15 +108,18 @@ def test_float32_fast_path_is_no_less_accurate_than_the_definition(x_dim, scale)
     assert all(torch.equal(a.double(), b) for a, b in zip(zs32, zs64))   # same sample in both precisions
     fast = marginal.flip_deltas(model32, x32, zs32, us32, workspace=marginal.Workspace())
     ref = flip_deltas_reference(model32, x32, zs32, us32)
-    err_fast = max(float((a.double() - e).abs().max()) for a, e in zip(fast, exact))
-    err_ref = max(float((a.double() - e).abs().max()) for a, e in zip(ref, exact))
+    # 99th percentiles: a re-simulated unit within rounding of its threshold may be decided differently by
+    # the two float32 computations (either one), which moves a single delta by O(1) (see marginal_fast)
+    err_fast = torch.cat([(a.double() - e).abs().flatten() for a, e in zip(fast, exact)]).quantile(0.99)
+    err_ref = torch.cat([(a.double() - e).abs().flatten() for a, e in zip(ref, exact)]).quantile(0.99)
     assert err_fast <= err_ref
 
 
-@pytest.mark.parametrize("n_hidden,scale", [(0, 0.3), (0, 3.0), (2, 0.3)])
+@pytest.mark.parametrize("n_hidden,scale", [(0, 0.3), (0, 3.0), (0, 800.0), (2, 0.3)])
 def test_flipped_log_prob_equals_flipping_each_input(n_hidden, scale):
     """The local-expectation estimator's flip pass (exp tables for linear nets, rank-1 pre-activations
-    otherwise) against log-probabilities computed with each input unit flipped in turn."""
+    for nonlinear nets and for weights beyond exp range) against log-probabilities computed with each
+    input unit flipped in turn; a non-binary input is refused."""
     from sbn_train.estimators.branches import flipped_log_prob
     from sbn_train.models import Conditional, bernoulli_log_prob
     torch.manual_seed(0)
@@ -130,3 +134,31 @@ def test_flipped_log_prob_equals_flipping_each_input(n_hidden, scale):
     for max_elements in (1 << 21, 100):
         got = flipped_log_prob(net, inp, target, max_elements)
         assert float((got - brute).abs().max()) <= 1e-10 * (1 + float(brute.abs().max()))
+    with pytest.raises(ValueError, match="binary"):
+        flipped_log_prob(net, inp - 0.3, target)
+
+
+@pytest.mark.parametrize("batch,sizes,n_hidden", [(1, (1,), 0), (1, (1, 1, 1), 0), (3, (13, 17, 19), 0),
+                                                   (3, (13, 17, 19), 1)])
+def test_fast_equals_reference_on_degenerate_shapes(batch, sizes, n_hidden):
+    """Batch 1, width-1 layers, prime widths (no log groups), one unit per chunk."""
+    model = random_sbn(x_dim=7, latent_sizes=sizes, n_hidden=n_hidden, seed=2, scale=0.5)
+    for max_elements in (1, 1 << 21):
+        compare(model, random_binary(batch, 7, seed=3), seed=0, max_elements=max_elements)
+
+
+def test_empty_batch():
+    model = random_sbn(x_dim=10, latent_sizes=(24, 32), seed=0, scale=0.2)
+    x = random_binary(0, 10)
+    us = model.draw_uniforms(0, dtype=torch.float64)
+    zs = model.sample_q(x, us)
+    assert [tuple(d.shape) for d in marginal.flip_deltas(model, x, zs, us)] == [(0, 24), (0, 32)]
+
+
+def test_dense_route_everywhere_equals_reference(monkeypatch):
+    """The route a GPU takes: no sparse first re-simulation, every change set dense."""
+    monkeypatch.setattr(marginal, "_first_resimulated", lambda *a, **k: None)
+    monkeypatch.setattr(marginal._Changes, "from_dense", classmethod(lambda cls, dz, scratch: cls(dz=dz)))
+    for i, (x_dim, sizes, n_hidden, scale) in enumerate(MODELS):
+        model = random_sbn(x_dim=x_dim, latent_sizes=sizes, n_hidden=n_hidden, seed=i, scale=scale)
+        compare(model, random_binary(8, x_dim, seed=i), seed=1)

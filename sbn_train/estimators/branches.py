@@ -65,18 +65,22 @@ def resimulate(model: SBN, zs: list[Tensor], lus: list[Tensor], l: int, z_l: Ten
 def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor, max_elements: int = 1 << 21) -> Tensor:
     """``[B, H]``: entry (b, i) = log Bern(target_b | sigmoid(net(inp_b with unit i flipped))), no gradient.
 
-    ``inp`` is the net's input ``[B, H]`` (already centred where the net expects it; a flip changes it
-    by +-1 either way); ``target`` is ``[B, D]``. A flip moves the pre-activations of ``net.first`` by
-    (1 - 2 inp_i) W[:, i], so the product over the other inputs is not redone; units go in chunks of
-    at most ``max_elements`` temporaries. For a linear net and a binary input the changes come from the
-    exp tables of the marginal estimator's fast path (no exp or log per entry).
+    ``inp`` is the net's binary input ``[B, H]`` (a latent layer; flipping unit i sets it to 1 - inp_i);
+    ``target`` is ``[B, D]``. A flip moves the pre-activations of ``net.first`` by (1 - 2 inp_i) W[:, i],
+    so the product over the other inputs is not redone; units go in chunks of at most ``max_elements``
+    temporaries. For a linear net the changes come from the exp tables of the marginal estimator's fast
+    path (no exp or log per entry).
     """
+    if not bool(((inp == 0) | (inp == 1)).all()):
+        raise ValueError("flipped_log_prob needs a binary input (a latent layer)")
     B, H = inp.shape
+    if B == 0:
+        return inp.new_zeros(inp.shape)
     pre = net.first(inp)                                        # [B, h]
     d = 1 - 2 * inp                                             # [B, H]: the change a flip makes
     width = max(pre.shape[-1], target.shape[-1])
     chunk = max(1, min(H, max_elements // max(1, B * width)))
-    if net.is_linear and bool(((inp == 0) | (inp == 1)).all()):
+    if net.is_linear:
         table = _FlipTable(net.first.weight, inp)
         if table.usable:                                        # exp-space route of the marginal estimator
             s, one_minus_s = torch.sigmoid(pre)[:, None, :], torch.sigmoid(-pre)[:, None, :]
