@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, softplus, threshold
-from .marginal_fast import _FlipTable, _softplus_shift_sum
+from .marginal_fast import _FlipTable, flip_log_prob_change
 
 
 @dataclass
@@ -90,9 +90,8 @@ def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor, max_elements
             scratch = torch.empty(B * chunk * pre.shape[-1], dtype=pre.dtype, device=pre.device)
             for a in range(0, H, chunk):
                 e = min(H, a + chunk)
-                f = table.factors(d[:, a:e], a, scratch[:B * (e - a) * pre.shape[-1]])
-                shift = _softplus_shift_sum(s, one_minus_s, f, table.group)
-                out[:, a:e] = base + d[:, a:e] * v_w[:, a:e] - shift
+                out[:, a:e] = base + flip_log_prob_change(table, s, one_minus_s, v_w, d[:, a:e], a,
+                                                          scratch[:B * (e - a) * pre.shape[-1]])
             return out
     base = (target * pre).sum(-1, keepdim=True) if net.is_linear else None       # [B, 1]
     out = []

@@ -181,13 +181,20 @@ class _FlipTable:
         return torch.index_select(self.table, 0, rows, out=out.view(B * c, -1)).view(B, c, -1)
 
 
-def _log_prob_change(table: _FlipTable, s: "_Sample", l: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
-    """log p(v | z_l with unit start + j flipped) - log p(v | z_l) for the linear p_l, v = z_{l-1}, ``[B, c]``:
+def flip_log_prob_change(table: _FlipTable, sig: Tensor, one_minus_sig: Tensor, v_w: Tensor, d: Tensor,
+                         start: int, out: Tensor) -> Tensor:
+    """log Bern(v | map(z with unit start + j flipped)) - log Bern(v | map(z)) for the linear map of ``table``,
+    ``[B, c]``, given sigmoid(pre) and sigmoid(-pre) ``[B, 1, h]``, v_w = v @ W ``[B, H]`` and scratch ``out``:
 
         d_j (v . W[:, j]) - sum_i log(1 - s_i + s_i e^(d_j W_ij))        (:func:`_softplus_shift_sum`)"""
+    e = table.factors(d, start, out)
+    return d * v_w[:, start:start + d.shape[1]] - _softplus_shift_sum(sig, one_minus_sig, e, table.group)
+
+
+def _log_prob_change(table: _FlipTable, s: "_Sample", l: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
+    """:func:`flip_log_prob_change` for the linear p_l and its target v = z_{l-1}."""
     B, c = d.shape
-    e = table.factors(d, start, ws.get("e", (B, c, table.w.shape[0]), d))
-    return d * s.p_vw(l)[:, start:start + c] - _softplus_shift_sum(*s.p_sig(l), e, table.group)
+    return flip_log_prob_change(table, *s.p_sig(l), s.p_vw(l), d, start, ws.get("e", (B, c, table.w.shape[0]), d))
 
 
 def _entropy_change(table: _FlipTable, s: "_Sample", k: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
