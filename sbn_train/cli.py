@@ -106,7 +106,7 @@ def main_task(cfg: DictConfig) -> dict:
     from .data import load_dataset
     from .estimators import estimator_from_config
     from .models import SBN
-    from .train import run
+    from .train import RunSettings, run
 
     typed: Config = OmegaConf.to_object(cfg)
     validate(typed)
@@ -126,8 +126,9 @@ def main_task(cfg: DictConfig) -> dict:
                "max_steps": typed.train.max_steps, "latent_sizes": str(typed.model.latent_sizes),
                "n_hidden": typed.model.n_hidden, "seed": typed.seed}
     log.info("run folder: %s", out_dir)
-    result = run(model, estimator, splits, typed.train, typed.optim, typed.eval, typed.variance, out_dir,
-                 typed.seed, hparams, test_cfg=typed.test)
+    settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
+                           test=typed.test, seed=typed.seed)
+    result = run(model, estimator, splits, settings, out_dir, hparams)
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics

@@ -7,25 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .metrics import custom_scalars_layout
 from .models import SBN
 
-#: one chart per metric; every run (estimator, learning rate ...) is one line in it. The tags are regexes.
-LAYOUT = {
-    "sbn-train: estimators compared": {
-        "gradient variance, inference net (paper's protocol)": ["Multiline", [r"^grad_var/inference$"]],
-        "gradient variance, inference net (latent noise only)": ["Multiline", [r"^grad_var_latent/inference$"]],
-        "gradient variance, generative net": ["Multiline", [r"^grad_var/generative$"]],
-        "validation ELBO": ["Multiline", [r"^valid/elbo$"]],
-        "validation importance-weighted bound": ["Multiline", [r"^valid/iwae\d+$"]],
-        "training ELBO (running)": ["Multiline", [r"^train/elbo$"]],
-        "squared bias vs exact gradient, inference net": ["Multiline", [r"^grad_bias/inference$"]],
-        "steps per second": ["Multiline", [r"^perf/steps_per_s$"]],
-    },
-    "sbn-train: per layer": {
-        "gradient variance per inference layer (paper's protocol)": ["Multiline", [r"^grad_var/layer\d+$"]],
-        "gradient variance per inference layer (latent noise only)": ["Multiline", [r"^grad_var_latent/layer\d+$"]],
-    },
-}
+#: one chart per charted metric family (sbn_train.metrics); every run is one line in it. Tags are regexes.
+LAYOUT = custom_scalars_layout()
 
 
 def image_grid(x: Tensor, shape: tuple[int, int]) -> Tensor:

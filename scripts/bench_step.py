@@ -5,9 +5,12 @@
     python scripts/bench_step.py --estimators reinforce,nvil,marginal,muprop
     python scripts/bench_step.py --scaling                     # marginal vs batch size and layer width
 
-Each round runs one step of every estimator in turn (interleaved, so machine noise hits all alike);
-medians over rounds are printed for the estimator call (forward: sampling, the estimator's own work),
-backward, the optimizer step (the same RMSprop for all) and the whole step. ``marginal_reference`` is
+Every estimator runs the training loop's own step (``sbn_train.train.TrainStep`` over a
+``TrainState``: minibatch sampling from the training split, estimator, backward, both optimizers), timed
+phase by phase. Each round runs one step of every estimator in turn (interleaved, so machine noise hits
+all alike); medians over rounds are printed for the minibatch (sampling and binarization), the estimator
+call (forward: sampling z, the estimator's own work), backward, the optimizer step (the same RMSprop for
+all) and the whole step. Batch sizes are the paper's schedules of configs/experiment/schedule/. ``marginal_reference`` is
 the brute-force marginal estimator (B*H_l flipped rows through full layers). Peak extra memory is
 measured in a fresh subprocess per estimator: peak resident memory during 3 steps minus resident
 memory before them (CPU: /proc VmHWM after resetting it; CUDA: max_memory_allocated).
@@ -28,11 +31,20 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sbn_train.config import OptimConfig  # noqa: E402
 from sbn_train.estimators import build_estimator  # noqa: E402
 from sbn_train.models import SBN  # noqa: E402
 from sbn_train.paths import config_dir  # noqa: E402
+from sbn_train.state import RunError, TrainState, load_checkpoint  # noqa: E402
+from sbn_train.train import TrainStep  # noqa: E402
 
-PAPER_BATCH = {"sbn_1layer": 100, "sbn_2layer": 100, "sbn_4layer": 100, "sbn_nonlinear": 20}
+
+def paper_batch(model_name: str) -> int:
+    """The batch size of the paper's schedule for the model (configs/experiment/schedule/paper_<model>.yaml),
+    else the default config's."""
+    schedule = config_dir() / "experiment" / "schedule" / f"paper_{model_name}.yaml"
+    cfg = OmegaConf.load(schedule if schedule.is_file() else config_dir() / "config.yaml")
+    return int(cfg.train.batch_size)
 
 
 def model_spec(name: str) -> tuple[list[int], int]:
@@ -52,21 +64,21 @@ def load_images(kind: str, device: torch.device) -> torch.Tensor:
 CHECKPOINT: str | None = None     # --checkpoint: a run's checkpoint.pt / best.pt whose model weights are timed
 
 
-def make(est_name: str, sizes: list[int], n_hidden: int, x_mean: torch.Tensor, device: torch.device):
+def make(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, batch: int,
+         device: torch.device) -> TrainStep:
+    """The training step the loop runs (sbn_train.train.TrainStep) for a fresh run of ``est_name``."""
     torch.manual_seed(0)
-    model = SBN(x_mean.numel(), sizes, n_hidden, x_mean=x_mean)
+    model = SBN(images.shape[1], sizes, n_hidden, x_mean=images.mean(0).cpu())
     if CHECKPOINT:
-        model.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(Path(CHECKPOINT), torch.device("cpu"))["model"])
     model = model.to(device)
     if est_name == "marginal_reference":
         est = build_estimator("marginal", model, implementation="reference")
     else:
         est = build_estimator(est_name, model)
-    est = est.to(device)
-    opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8)
-    est_params = [p for p in est.parameters() if p.requires_grad]
-    est_opt = torch.optim.RMSprop(est_params, lr=1e-4) if est_params else None
-    return model, est, opt, est_opt, est_params
+    state = TrainState.create(model, est.to(device), images, batch, OptimConfig(lr=1e-4), seed=1)
+    state.estimator.train()
+    return TrainStep(state)
 
 
 def sync(device: torch.device) -> None:
@@ -74,47 +86,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(model, est, opt, est_opt, est_params, x, gen, device) -> tuple[float, float, float]:
-    """(estimator call, backward, optimizer) seconds for one step, as in sbn_train.train.train_step."""
+def timed_step(step: TrainStep, device) -> tuple[float, float, float, float]:
+    """(minibatch, estimator call, backward, optimizer) seconds of one training step, phase by phase."""
     sync(device)
     t0 = time.perf_counter()
-    out = est(model, x, gen)
+    x = step.batch()
     sync(device)
     t1 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    if est_opt is not None and out.aux_loss is not None:
-        grads = torch.autograd.grad(out.aux_loss, est_params, retain_graph=True, allow_unused=True)
-        for p, g in zip(est_params, grads):
-            p.grad = g
-    out.surrogate.backward(inputs=list(model.parameters()))
+    out = step.estimate(x)
     sync(device)
     t2 = time.perf_counter()
-    opt.step()
-    if est_opt is not None and out.aux_loss is not None:
-        est_opt.step()
+    step.backward(out)
     sync(device)
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
-
-
-def batches(images: torch.Tensor, batch: int, seed: int):
-    g = torch.Generator(device=images.device).manual_seed(seed)
-    while True:
-        idx = torch.randint(images.shape[0], (batch,), generator=g, device=images.device)
-        yield (torch.rand(batch, images.shape[1], generator=g, device=images.device) < images[idx]).float()
+    t3 = time.perf_counter()
+    step.apply(out)
+    step.record(out)
+    sync(device)
+    return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3
 
 
 def time_estimators(names, sizes, n_hidden, batch, rounds, images, device, slow_rounds) -> dict:
-    x_mean = images.mean(0)
-    setups = {n: make(n, sizes, n_hidden, x_mean, device) for n in names}
-    gens = {n: torch.Generator(device=device).manual_seed(1) for n in names}
-    data = batches(images, batch, 2)
+    steps = {n: make(n, sizes, n_hidden, images, batch, device) for n in names}
     times = {n: [] for n in names}
     for r in range(rounds + 2):                                   # 2 warm-up rounds
-        x = next(data)
         for n in names:
             if n == "marginal_reference" and r >= slow_rounds + 2:
                 continue
-            t = timed_step(*setups[n][:3], setups[n][3], setups[n][4], x, gens[n], device)
+            t = timed_step(steps[n], device)
             if r >= 2:
                 times[n].append(t)
     return {n: [statistics.median(col) * 1e3 for col in zip(*ts)] + [statistics.median(map(sum, ts)) * 1e3]
@@ -145,9 +143,7 @@ def memory_child(args) -> None:
     sizes, n_hidden = model_spec(args.models)
     if args._sizes:
         sizes = [int(s) for s in args._sizes.split(",")]
-    model, est, opt, est_opt, est_params = make(args._memory, sizes, n_hidden, images.mean(0), device)
-    x = next(batches(images, args.batch, 2))
-    gen = torch.Generator(device=device).manual_seed(1)
+    step = make(args._memory, sizes, n_hidden, images, args.batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -156,7 +152,7 @@ def memory_child(args) -> None:
         base = _status_kb("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")            # reset the peak (VmHWM) to the current RSS
     for _ in range(3):
-        timed_step(model, est, opt, est_opt, est_params, x, gen, device)
+        timed_step(step, device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
     print((peak - base) / 2 ** 20)
 
@@ -165,18 +161,19 @@ def headline(args, device, images) -> None:
     names = args.estimators.split(",")
     for model_name in args.models.split(","):
         sizes, n_hidden = model_spec(model_name)
-        batch = args.batch or PAPER_BATCH.get(model_name, 100)
+        batch = args.batch or paper_batch(model_name)
         res = time_estimators(names, sizes, n_hidden, batch, args.rounds, images, device, args.slow_rounds)
         mem = {n: peak_memory_mb(n, model_name, batch, args.device, args.data) for n in names} if args.memory else {}
-        base = res.get("reinforce", [None] * 4)[3]
+        base = res.get("reinforce", [None] * 5)[4]
         print(f"\n## {model_name} (latent {sizes}, n_hidden {n_hidden}), batch {batch}, {device}")
-        print(f"{'estimator':<20}{'forward':>10}{'backward':>10}{'optim':>8}{'step ms':>10}{'/reinforce':>12}"
-              f"{'peak extra MB':>15}")
+        print(f"{'estimator':<20}{'batch':>8}{'forward':>10}{'backward':>10}{'optim':>8}{'step ms':>10}"
+              f"{'/reinforce':>12}{'peak extra MB':>15}")
         for n in names:
-            f, b, o, tot = res[n]
+            d, f, b, o, tot = res[n]
             ratio = f"{tot / base:.1f}" if base else "-"
-            print(f"{n:<20}{f:>10.2f}{b:>10.2f}{o:>8.2f}{tot:>10.2f}{ratio:>12}{mem.get(n, float('nan')):>15.1f}")
-        step = {n: r[3] for n, r in res.items()}
+            print(f"{n:<20}{d:>8.2f}{f:>10.2f}{b:>10.2f}{o:>8.2f}{tot:>10.2f}{ratio:>12}"
+                  f"{mem.get(n, float('nan')):>15.1f}")
+        step = {n: r[4] for n, r in res.items()}
         if "marginal" in step and "nvil" in step:
             print(f"ratio marginal/nvil = {step['marginal'] / step['nvil']:.2f}")
         if "marginal" in step and "marginal_reference" in step:
@@ -187,14 +184,14 @@ def scaling(args, device, images) -> None:
     print("\n## marginal step vs batch size (sbn_2layer, latent [200, 200])")
     print(f"{'batch':>6}{'step ms':>10}{'ms per 1k B*H*(D+H)':>22}{'peak extra MB':>15}")
     for batch in (20, 100, 400, 1000):
-        t = time_estimators(["marginal"], [200, 200], 0, batch, args.rounds, images, device, 0)["marginal"][3]
+        t = time_estimators(["marginal"], [200, 200], 0, batch, args.rounds, images, device, 0)["marginal"][4]
         mem = peak_memory_mb("marginal", "sbn_2layer", batch, args.device, args.data) if args.memory else float("nan")
         work = batch * 200 * (784 + 200) / 1e3
         print(f"{batch:>6}{t:>10.2f}{t / work:>22.5f}{mem:>15.1f}")
     print("\n## marginal step vs layer width (two layers of width H, batch 100)")
     print(f"{'H':>6}{'step ms':>10}{'ms per 1k B*H*(D+H)':>22}")
     for h in (50, 200, 500):
-        t = time_estimators(["marginal"], [h, h], 0, 100, args.rounds, images, device, 0)["marginal"][3]
+        t = time_estimators(["marginal"], [h, h], 0, 100, args.rounds, images, device, 0)["marginal"][4]
         print(f"{h:>6}{t:>10.2f}{t / (100 * h * (784 + h) / 1e3):>22.5f}")
 
 
@@ -219,6 +216,11 @@ def main() -> None:
     CHECKPOINT = args.checkpoint
     if CHECKPOINT and not Path(CHECKPOINT).is_file():
         sys.exit(f"bench_step.py: no checkpoint at {CHECKPOINT}")
+    if CHECKPOINT:
+        try:
+            load_checkpoint(Path(CHECKPOINT), torch.device("cpu"))["model"]
+        except (RunError, KeyError) as e:
+            sys.exit(f"bench_step.py: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._memory:

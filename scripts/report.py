@@ -27,11 +27,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sbn_train.metrics import LATENT_VARIANCE_TAG, VALID_TAG, VARIANCE_TAG  # noqa: E402  (the tag registry)
+
 #: the paper's names for the estimator configs, in the paper's column order
 LABELS = {"reinforce": "LR", "reinforce_ma": "LR+C", "nvil": "LR+C+IDB", "muprop": "MuProp+C+IDB",
           "leg": "LEG", "marginal": "marginal (RAM)"}
 DATASETS = {"mnist": "MNIST", "omniglot": "Omniglot", "fashion_mnist": "Fashion-MNIST", "synthetic": "synthetic"}
-VARIANCE_TAG, LATENT_VARIANCE_TAG, VALID_TAG = "grad_var/inference", "grad_var_latent/inference", "valid/elbo"
 
 
 @dataclass

@@ -27,8 +27,10 @@ def test_headline_reports_ratios_and_memory(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()
             if line.split() and line.split()[0] in ("reinforce", "nvil", "marginal", "marginal_reference")}
     assert set(rows) == {"reinforce", "nvil", "marginal", "marginal_reference"}
-    for cols in rows.values():                      # forward, backward, optim, step, /reinforce, peak MB
-        assert len(cols) == 6 and all(float(c) > 0 for c in cols[:4]) and float(cols[5]) >= 0
+    for cols in rows.values():                      # batch, forward, backward, optim, step, /reinforce, peak MB
+        assert len(cols) == 7 and all(float(c) > 0 for c in cols[:5]) and float(cols[6]) >= 0
+        # one round: the step is the sum of its phases, up to the rounding of five printed 2-decimal numbers
+        assert abs(sum(float(c) for c in cols[:4]) - float(cols[4])) <= 5 * 0.005 + 1e-9
     assert float(re.search(r"ratio marginal/nvil = ([\d.]+)", out.stdout).group(1)) > 0
     assert float(re.search(r"ratio marginal_reference/marginal = ([\d.]+)", out.stdout).group(1)) > 0
 
@@ -37,3 +39,14 @@ def test_missing_checkpoint_is_a_short_error(tmp_path):
     out = bench("--checkpoint", str(tmp_path / "nope.pt"))
     assert out.returncode != 0
     assert "no checkpoint at" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_batch_sizes_come_from_the_paper_schedules():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_step
+    finally:
+        sys.path.pop(0)
+    assert bench_step.paper_batch("sbn_nonlinear") == 20       # configs/experiment/schedule/paper_sbn_nonlinear.yaml
+    assert bench_step.paper_batch("sbn_2layer") == 100
+    assert bench_step.paper_batch("sbn_1layer") == 100         # no schedule: the default config's batch size

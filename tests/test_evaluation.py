@@ -15,7 +15,7 @@ from sbn_train.estimators import build_estimator
 from sbn_train.estimators.base import Estimate, Estimator
 from sbn_train.evaluation import elbo_average, measure_variance
 from sbn_train.models import SBN
-from sbn_train.train import CHECKPOINT, run
+from sbn_train.train import CHECKPOINT, RunSettings, run
 
 from conftest import random_binary, random_sbn
 from stats import bonferroni_z
@@ -150,12 +150,12 @@ def train_small(tmp_path, name, estimator_name, var_every):
     model = SBN(16, [3, 3], x_mean=splits.train.mean(0))
     estimator = build_estimator(estimator_name, model)
     out = tmp_path / name
-    result = run(model, estimator, splits, TrainConfig(batch_size=10, max_steps=30, eval_every=10, log_every=5,
-                                                       progress=False),
-                 OptimConfig(lr=3e-3), EvalConfig(batch_size=50, iwae_k=5, images=0),
-                 VarianceConfig(every=var_every, samples=4), out, seed=3,
-                 test_cfg=TestConfig(elbo_samples=5, iwae_k=20))
-    return result, torch.load(out / CHECKPOINT, weights_only=False)
+    settings = RunSettings(train=TrainConfig(batch_size=10, max_steps=30, eval_every=10, log_every=5, progress=False),
+                           optim=OptimConfig(lr=3e-3), eval=EvalConfig(batch_size=50, iwae_k=5, images=0),
+                           variance=VarianceConfig(every=var_every, samples=4),
+                           test=TestConfig(elbo_samples=5, iwae_k=20), seed=3)
+    result = run(model, estimator, splits, settings, out)
+    return result, torch.load(out / CHECKPOINT, weights_only=True)
 
 
 @pytest.mark.parametrize("estimator_name", ["nvil", "marginal"])
