@@ -128,7 +128,8 @@ def main_task(cfg: DictConfig) -> dict:
     log.info("run folder: %s", out_dir)
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)
-    result = run(model, estimator, splits, settings, out_dir, hparams)
+    config = {**OmegaConf.to_container(cfg, resolve=True), "estimator_choice": choices.get("estimator")}
+    result = run(model, estimator, splits, settings, out_dir, hparams, config=config)
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics
@@ -143,8 +144,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Returns the run's best validation bound (the objective of the lr_search sweeper)."""
+    from .train import Stopped
     try:
         return float(main_task(cfg)["best/valid"])
+    except Stopped as e:
+        print(f"sbn-train: {e}; continue with: {resume_command()}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except Exception as e:
         _record_failure(e)
         if not isinstance(e, _expected_errors()):
@@ -154,6 +159,20 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise   # Hydra records the failed job and goes on with the sweep
         sys.exit(2)
+
+
+def resume_command() -> str:
+    """The command line that continues this run (or sweep) from its checkpoint."""
+    args = [a for a in sys.argv[1:] if not a.split("=", 1)[0].lstrip("+~") in ("train.resume", "train.overwrite")]
+    hc = HydraConfig.get()
+    if hc.mode.name == "MULTIRUN" and not any(a.startswith("hydra.sweep.dir=") for a in args):
+        args.append(f"hydra.sweep.dir={hc.sweep.dir}")
+    return " ".join(["sbn-train", *map(_quote, args), "train.resume=true"])
+
+
+def _quote(arg: str) -> str:
+    import shlex
+    return shlex.quote(arg)
 
 
 def _record_failure(e: Exception) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import tb
+from . import faults, tb
 from .config import EvalConfig, VarianceConfig
 from .data import Splits, eval_batches
 from .evaluation import measure_variance, split_bounds, summarize
@@ -52,7 +52,11 @@ class Context:
     out_dir: Path
     clock: StepClock
     bar: Any                          # tqdm
-    metrics: dict[str, float] = field(default_factory=dict)   # the last value of every metric
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last value of every metric (results.json); part of the checkpointed state."""
+        return self.state.metrics
 
     def write(self, values: dict[str, float], step: int) -> None:
         """TensorBoard scalars only."""
@@ -78,16 +82,32 @@ class Job:
 
 
 class LogTraining(Job):
-    """``train/elbo`` (running mean since the last log), ``perf/*`` and the estimator's own metrics."""
+    """``train/elbo`` (running mean since the last log), ``perf/*`` and the estimator's own metrics.
+
+    It also watches for divergence: a non-finite ELBO, or (``divergence_nats`` > 0) a running ELBO more than
+    ``divergence_nats`` nats per data dimension below the lower of the model's ELBO before training
+    (``TrainState.first_elbo``) and -D log 2 (the bound of a model that predicts every pixel as a coin flip)
+    stops the run with an error; the last good checkpoint stays. Training raises the bound from where it
+    starts, so a run that falls a further D nats below both is not learning any more."""
     at_end = True
 
-    def __init__(self, every: int, lr: float):
+    def __init__(self, every: int, lr: float, divergence_nats: float = 0.0, x_dim: int = 1):
         self.every, self.lr = every, lr
+        self.floor_gap, self.coin_flip = divergence_nats * x_dim, -x_dim * math.log(2.0)
+
+    def check(self, ctx: Context, train_elbo: float, step: int) -> None:
+        if not math.isfinite(train_elbo):
+            raise RunError(f"training diverged at step {step} (ELBO {train_elbo}); lower optim.lr (now {self.lr})")
+        start = ctx.state.first_elbo
+        anchor = self.coin_flip if start is None else min(start, self.coin_flip)
+        if self.floor_gap and train_elbo < anchor - self.floor_gap:
+            raise RunError(f"training diverged at step {step}: train/elbo {train_elbo:.1f} is below "
+                           f"{anchor - self.floor_gap:.1f}, {self.floor_gap:g} nats under where it started "
+                           f"(train.divergence_nats per data dimension); lower optim.lr (now {self.lr})")
 
     def __call__(self, ctx: Context, step: int) -> None:
         train_elbo = ctx.step_fn.take_running_elbo()                 # a sync point
-        if not math.isfinite(train_elbo):
-            raise RunError(f"training diverged at step {step} (ELBO {train_elbo}); lower optim.lr (now {self.lr})")
+        self.check(ctx, train_elbo, step)
         dt = ctx.clock.seconds_per_step()
         est_metrics = {f"estimator/{k}": float(v) for k, v in ctx.step_fn.last_metrics.items()}
         ctx.write({"train/elbo": train_elbo, "perf/step_time_ms": 1000 * dt, "perf/steps_per_s": 1 / dt,
@@ -127,6 +147,14 @@ class Images(Job):
         tb.log_images(ctx.writer, ctx.state.model, self.x, self.shape, step, self.seed)
 
 
+def initial_elbo(model: SBN, valid: torch.Tensor, seed: int, rows: int = 100) -> float | None:
+    """The model's mean ELBO on the first ``rows`` validation rows, from generators of its own."""
+    if valid.shape[0] == 0:
+        return None
+    elbo, _ = split_bounds(model, valid, rows, rows, seed, 1, 0, 65536)
+    return float(elbo.mean())
+
+
 def evaluate(model: SBN, data: torch.Tensor, cfg: EvalConfig, prefix: str) -> dict[str, float]:
     """Single-sample ELBO and (if ``cfg.iwae_k``) the K-sample bound, averaged over the first ``cfg.limit``
     rows of ``data``: ``{prefix}/elbo`` and ``{prefix}/iwae{K}``."""
@@ -153,6 +181,7 @@ class EvaluateAndCheckpoint(Job):
     def __call__(self, ctx: Context, step: int) -> None:
         state = ctx.state
         ev = self.bounds(state.model)
+        faults.point("eval", step)
         ctx.log(ev, step)
         score = ev.get(f"valid/iwae{self.cfg.iwae_k}", ev["valid/elbo"])
         if score > state.best:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import faults
 from .config import OptimConfig
-from .data import binarize
+from .data import TrainSampler
 from .estimators import Estimator
 from .models import SBN
 
@@ -39,13 +40,53 @@ def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a kill never leaves a partial file."""
+    """Write to a temporary file in the same folder, then rename: a kill never leaves a partial file, and a
+    failed write (disk full, unwritable folder) leaves the previous file and no temporary one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
+        faults.point("checkpoint", int(obj.get("step", -1)) if isinstance(obj, dict) else -1)
         os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+    except RuntimeError as e:             # torch.save reports a failed write as a RuntimeError
+        raise RunError(f"cannot write {path}: {str(e).splitlines()[0][:200]}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: config keys that may differ between a run and its resumption (they do not change the trajectory of the
+#: parameters): the length of the run, what is measured and logged, and where data and outputs live
+MAY_CHANGE = ("train.max_steps", "train.eval_every", "train.log_every", "train.resume", "train.overwrite",
+              "train.progress", "train.checkpoint_minutes", "train.cuda_graph", "train.divergence_nats",
+              "eval.", "test.", "variance.", "dataset.data_dir", "dataset.download_timeout", "hydra.")
+
+
+def trajectory_config(config: dict) -> dict[str, Any]:
+    """The flattened (dotted keys) part of a composed config that fixes the trajectory of a run."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            key = prefix[:-1]
+            if not any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
+                flat[key] = list(node) if isinstance(node, (list, tuple)) else node
+
+    walk(config, "")
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (or exists on one side only)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if a != b:
+            out.append(f"{key}: {a} -> {b}")
+    return out
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:
@@ -56,33 +97,6 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"cannot read checkpoint {path} ({first[:200]}). Delete it, or start again with "
                        f"train.overwrite=true") from None
-
-
-class TrainSampler:
-    """Epoch-wise shuffled minibatches with dynamic binarization; its position is checkpointed."""
-
-    def __init__(self, data: torch.Tensor, batch_size: int, generator: torch.Generator):
-        if batch_size > data.shape[0]:
-            raise RunError(f"train.batch_size={batch_size} exceeds the {data.shape[0]} training examples")
-        self.data, self.batch_size, self.generator = data, batch_size, generator
-        self.perm: torch.Tensor | None = None
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        n = self.data.shape[0]
-        if self.perm is None or self.pos + self.batch_size > n:
-            self.perm = torch.randperm(n, generator=self.generator, device=self.generator.device)
-            self.pos = 0
-        idx = self.perm[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return binarize(self.data[idx.to(self.data.device)], self.generator)
-
-    def state_dict(self) -> dict:
-        return {"perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.perm = None if s["perm"] is None else s["perm"].to(self.generator.device)
-        self.pos = int(s["pos"])
 
 
 @dataclass
@@ -97,6 +111,16 @@ class TrainState:
     best: float = -math.inf             # best validation bound so far (the model in best.pt)
     best_step: int = 0
     est_params: list[nn.Parameter] = field(default_factory=list)
+    elbo_sum: torch.Tensor | None = None    # running training ELBO since the last log (on the device) ...
+    elbo_n: int = 0                         # ... over this many steps
+    metrics: dict[str, float] = field(default_factory=dict)   # the last value of every metric
+    config: dict[str, Any] = field(default_factory=dict)      # trajectory_config of the run
+    jobs_pending: bool = False              # saved by a stop during the jobs of ``step``: run them again
+    first_elbo: float | None = None         # the first logged train/elbo (the divergence criterion's anchor)
+
+    def __post_init__(self):
+        if self.elbo_sum is None:
+            self.elbo_sum = torch.zeros((), device=self.device)
 
     @classmethod
     def create(cls, model: SBN, estimator: Estimator, train_data: torch.Tensor, batch_size: int,
@@ -118,7 +142,9 @@ class TrainState:
                 "estimator": self.estimator.state_dict(), "model_opt": self.model_opt.state_dict(),
                 "est_opt": self.est_opt.state_dict() if self.est_opt is not None else None,
                 "generator": self.generator.get_state(), "sampler": self.sampler.state_dict(),
-                "step": self.step, "best": self.best, "best_step": self.best_step}
+                "step": self.step, "best": self.best, "best_step": self.best_step,
+                "elbo_sum": self.elbo_sum, "elbo_n": self.elbo_n, "metrics": dict(self.metrics),
+                "config": dict(self.config), "jobs_pending": self.jobs_pending, "first_elbo": self.first_elbo}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -130,12 +156,39 @@ class TrainState:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.best = int(state["step"]), float(state["best"])
         self.best_step = int(state.get("best_step", 0))
+        if "elbo_sum" in state:
+            self.elbo_sum = state["elbo_sum"].to(self.device)
+            self.elbo_n = int(state["elbo_n"])
+        self.metrics = dict(state.get("metrics", {}))
+        self.jobs_pending = bool(state.get("jobs_pending", False))
+        self.first_elbo = state.get("first_elbo")
+
+    def finite(self) -> bool:
+        """True when every parameter (model and estimator) and optimizer statistic is finite (a sync)."""
+        tensors = [p for p in self.model.parameters()] + self.est_params
+        for opt in (self.model_opt, self.est_opt):
+            if opt is not None:
+                tensors += [v for st in opt.state.values() for v in st.values()
+                            if torch.is_tensor(v) and v.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
     def save(self, path: Path) -> None:
+        """The whole state, atomically; refused (RunError) when a parameter is not finite, so the last good
+        checkpoint stays."""
+        if not self.finite():
+            raise RunError(f"training diverged by step {self.step}: non-finite parameters (not checkpointed; "
+                           f"the last good checkpoint is kept); lower optim.lr")
         save_atomic(self.state_dict(), path)
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
+        old = state.get("config")
+        if old is not None and self.config:
+            changes = config_changes(old, self.config)
+            if changes:
+                raise RunError(f"cannot resume {path.parent}: the config differs from the run's "
+                               f"({'; '.join(changes)}). Use the run's settings, or start again with "
+                               f"train.overwrite=true")
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:

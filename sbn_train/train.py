@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import faults, tb
 from . import metrics as registry
-from . import tb
 from .config import EvalConfig, OptimConfig, TestConfig, TrainConfig, VarianceConfig
 from .data import Splits
 from .estimators import Estimate, Estimator
 from .evaluation import split_bounds, summarize
 from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, Images, Job, LogTraining, StepClock,
-                   VarianceProbe, evaluate)
+                   VarianceProbe, evaluate, initial_elbo)
 from .models import SBN
-from .state import RunError, TrainSampler, TrainState, load_checkpoint, make_optimizer, save_atomic
+from .lock import FolderBusy, RunLock
+from .signals import Interrupted, StopSignals
+from .state import (RunError, TrainSampler, TrainState, load_checkpoint, make_optimizer, save_atomic,
+                    trajectory_config)
 
-__all__ = ["BEST", "CHECKPOINT", "FAILED", "RESULTS", "RunError", "RunResult", "RunSettings", "TrainSampler",
+__all__ = ["BEST", "CHECKPOINT", "FAILED", "RESULTS", "RunError", "RunResult", "RunSettings", "Stopped", "TrainSampler",
            "TrainState", "TrainStep", "evaluate", "evaluate_test", "load_checkpoint", "make_optimizer", "run",
            "save_atomic", "train_step"]
 
@@ -73,8 +77,6 @@ class TrainStep:
     def __init__(self, state: TrainState):
         self.state = state
         self.dtype = state.model.prior_logits.dtype
-        self.elbo_sum = torch.zeros((), device=state.device)
-        self.elbo_n = 0
         self.last_metrics: dict[str, Any] = {}
 
     def batch(self) -> torch.Tensor:
@@ -90,21 +92,23 @@ class TrainStep:
         apply_grads(est, self.state.model_opt, self.state.est_opt)
 
     def record(self, est: Estimate) -> None:
-        self.elbo_sum += est.elbo.mean()
-        self.elbo_n += 1
+        self.state.elbo_sum += est.elbo.mean()
+        self.state.elbo_n += 1
         self.last_metrics = est.metrics
 
     def __call__(self) -> None:
         est = self.estimate(self.batch())
         self.backward(est)
+        faults.point("step", self.state.step)
         self.apply(est)
         self.record(est)
 
     def take_running_elbo(self) -> float:
         """The mean training ELBO since the last call (a device sync), and a fresh start."""
-        value = float(self.elbo_sum) / max(self.elbo_n, 1)
-        self.elbo_sum.zero_()
-        self.elbo_n = 0
+        state = self.state
+        value = float(state.elbo_sum) / max(state.elbo_n, 1)
+        state.elbo_sum.zero_()
+        state.elbo_n = 0
         return value
 
 
@@ -162,15 +166,22 @@ def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
 
 
 def _write_results(out_dir: Path, results: dict) -> None:
-    tmp = out_dir / (RESULTS + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, out_dir / RESULTS)
+    """results.json, atomically (a failed write leaves no file behind and says which path and why)."""
+    path, tmp = out_dir / RESULTS, out_dir / (RESULTS + ".tmp")
+    try:
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        faults.point("results", int(results.get("step", -1)))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def make_jobs(settings: RunSettings, splits: Splits) -> list[Job]:
     """The scheduled jobs, in the order they run after a step."""
     tr = settings.train
-    jobs: list[Job] = [LogTraining(tr.log_every, settings.optim.lr),
+    jobs: list[Job] = [LogTraining(tr.log_every, settings.optim.lr, tr.divergence_nats, splits.train.shape[1]),
                        VarianceProbe(settings.variance, splits.train, tr.batch_size, settings.seed)]
     if settings.eval.images and splits.image_shape is not None:
         jobs.append(Images(tr.eval_every, splits.valid, splits.image_shape, settings.eval.seed, settings.eval.images))
@@ -178,28 +189,90 @@ def make_jobs(settings: RunSettings, splits: Splits) -> list[Job]:
     return jobs
 
 
-def train_loop(ctx: Context, step_fn, jobs: list[Job], max_steps: int) -> None:
+class Stopped(Exception):
+    """A run stopped by a signal after saving its state; ``train.resume=true`` continues it."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped at step {step} ({signal.Signals(signum).name})")
+
+
+def _run_jobs(ctx: Context, jobs: list[Job], step: int, max_steps: int, stop: StopSignals) -> None:
+    """The jobs due after ``step``. A stop signal during them saves the state as it was before them
+    (``jobs_pending``), so a resume runs them again and nothing they logged is lost or doubled."""
+    due = [job for job in jobs if job.due(step, max_steps)]
+    if not due:
+        return
+    state = ctx.state
+    before = (state.elbo_sum.clone(), state.elbo_n, state.best, state.best_step, dict(state.metrics))
+    try:
+        with stop.interruptible():
+            for job in due:
+                job(ctx, step)
+    except Interrupted:
+        state.elbo_sum, state.elbo_n, state.best, state.best_step, state.metrics = before
+        state.jobs_pending = True
+        _save_and_stop(ctx, stop)
+
+
+def _save_and_stop(ctx: Context, stop: StopSignals) -> None:
+    with stop.shielded():
+        ctx.state.save(ctx.out_dir / CHECKPOINT)
+        ctx.writer.flush()
+    stop.chain()                              # e.g. a scheduler's requeue handler
+    raise Stopped(stop.signum, ctx.state.step)
+
+
+def train_loop(ctx: Context, step_fn, jobs: list[Job], max_steps: int, stop: StopSignals,
+               checkpoint_seconds: float) -> None:
     state = ctx.state
     state.estimator.train()
+    if state.jobs_pending:                    # the jobs of the saved step were cut short by a stop
+        state.jobs_pending = False
+        _run_jobs(ctx, jobs, state.step, max_steps, stop)
+    last_save = time.monotonic()
     while state.step < max_steps:
         state.step += 1
         step_fn()
         ctx.clock.tick()
         ctx.bar.update(1)
-        for job in jobs:
-            if job.due(state.step, max_steps):
-                job(ctx, state.step)
+        _run_jobs(ctx, jobs, state.step, max_steps, stop)
+        if stop.requested:
+            _save_and_stop(ctx, stop)
+        if checkpoint_seconds and time.monotonic() - last_save > checkpoint_seconds:
+            with stop.shielded():             # by wall time: a kill -9 loses minutes, not eval_every steps
+                state.save(ctx.out_dir / CHECKPOINT)
+            last_save = time.monotonic()
+        elif any(isinstance(j, EvaluateAndCheckpoint) and j.due(state.step, max_steps) for j in jobs):
+            last_save = time.monotonic()
 
 
 def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings, out_dir: str | Path,
-        hparams: dict[str, Any] | None = None) -> RunResult:
+        hparams: dict[str, Any] | None = None, config: dict | None = None) -> RunResult:
     """Train ``model`` with ``estimator``, log to TensorBoard in ``out_dir``, then test the best model
-    (unless ``settings.test`` is None or disabled) and write ``results.json``."""
+    (unless ``settings.test`` is None or disabled) and write ``results.json``.
+
+    ``config`` (the composed config as a plain dict) is recorded in the checkpoint; a resume whose config
+    differs in a key that changes the trajectory is refused. The folder is locked for the whole run.
+    Raises :class:`Stopped` after saving when a stop signal arrives."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(out_dir).acquire()
+    except FolderBusy as e:
+        raise RunError(str(e)) from None
+    try:
+        with StopSignals() as stop:
+            return _run_locked(model, estimator, splits, settings, out_dir, hparams, config, stop)
+    finally:
+        lock.release()
+
+
+def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, hparams, config,
+                stop: StopSignals) -> RunResult:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tr = settings.train
     resume_from = prepare_folder(out_dir, tr)
     (out_dir / FAILED).unlink(missing_ok=True)
@@ -209,33 +282,46 @@ def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings,
         return done
 
     state = TrainState.create(model, estimator, splits.train, tr.batch_size, settings.optim, settings.seed)
+    state.config = trajectory_config(config) if config else {}
     if resume_from is not None:
         state.load(resume_from)
         log.info("resumed from %s at step %d", resume_from, state.step)
     step_fn = TrainStep(state)
     jobs = make_jobs(settings, splits)
-    writer = SummaryWriter(str(out_dir), purge_step=state.step + 1 if state.step else None)
+    # a resume drops what the killed run logged after its checkpoint (and the pending jobs' own step)
+    purge = (state.step if state.jobs_pending else state.step + 1) if state.step else None
+    writer = SummaryWriter(str(out_dir), purge_step=purge)
     bar = tqdm(total=tr.max_steps, initial=state.step, disable=not tr.progress, dynamic_ncols=True,
                desc=out_dir.name[:40])
     ctx = Context(state=state, step_fn=step_fn, writer=writer, out_dir=out_dir, clock=StepClock(), bar=bar)
-    if state.step == 0:
-        tb.log_layout(writer)
-        for job in jobs:
-            if isinstance(job, Images):
-                job.first(ctx)
     try:
-        train_loop(ctx, step_fn, jobs, tr.max_steps)
+        if state.step == 0:
+            state.first_elbo = initial_elbo(model, splits.valid, settings.eval.seed)
+            tb.log_layout(writer)
+            for job in jobs:
+                if isinstance(job, Images):
+                    job.first(ctx)
+        train_loop(ctx, step_fn, jobs, tr.max_steps, stop, 60.0 * tr.checkpoint_minutes)
+        bar.close()
+        metrics = state.metrics
+        metrics["best/valid"] = state.best
+        metrics["best/step"] = state.best_step
+        if settings.test is not None and settings.test.enabled:
+            try:
+                with stop.interruptible():
+                    metrics.update(_test_best_model(ctx, splits, settings.test))
+            except Interrupted:
+                raise Stopped(stop.signum, state.step) from None
+        with stop.shielded():
+            _write_results(out_dir, {"step": state.step, "status": "finished", "metrics": metrics,
+                                     "hparams": hparams or {}})
+            ctx.write({k: v for k, v in metrics.items() if k.startswith("test/") and registry.lookup(k).scalar},
+                      state.step)
+            if hparams:
+                tb.log_hparams(writer, hparams, registry.hparam_tags(metrics))
     finally:
         bar.close()
-    metrics = ctx.metrics
-    metrics["best/valid"] = state.best
-    metrics["best/step"] = state.best_step
-    if settings.test is not None and settings.test.enabled:
-        metrics.update(_test_best_model(ctx, splits, settings.test))
-    _write_results(out_dir, {"step": state.step, "status": "finished", "metrics": metrics, "hparams": hparams or {}})
-    if hparams:
-        tb.log_hparams(writer, hparams, registry.hparam_tags(metrics))
-    writer.close()
+        writer.close()
     return RunResult(step=state.step, metrics=metrics, out_dir=str(out_dir))
 
 
@@ -246,7 +332,7 @@ def _test_best_model(ctx: Context, splits: Splits, cfg: TestConfig) -> dict:
         ctx.state.load_best(best)
     t0 = time.perf_counter()
     out = evaluate_test(ctx.state.model, splits.test, cfg)
+    faults.point("test", ctx.state.step)
     log.info("tested the best model in %.1f s: %s", time.perf_counter() - t0,
              ", ".join(f"{k}={v:.4f}" for k, v in out.items()))
-    ctx.write({k: v for k, v in out.items() if registry.lookup(k).scalar}, ctx.state.step)
     return out
