@@ -176,14 +176,17 @@ def _quote(arg: str) -> str:
 
 
 def _record_failure(e: Exception) -> None:
-    """``failed.json`` in the run folder, so that reports list the run as failed and say why."""
+    """``failed.json`` in the run folder (written atomically: always valid JSON), so that reports list the run
+    as failed and say why. If the folder cannot be written either, one warning line says so."""
     from .train import FAILED
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / FAILED).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2))
-    except Exception:  # noqa: BLE001 - reporting a failure must not hide it
-        log.exception("could not record the failure")
+        tmp = out / (FAILED + ".tmp")
+        tmp.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2))
+        os.replace(tmp, out / FAILED)
+    except Exception as err:  # noqa: BLE001 - reporting a failure must not hide it
+        print(f"sbn-train: warning: could not record the failure in the run folder ({err})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Fault injection for the resume tests: ``SBN_TRAIN_KILL_AT=<point>:<step>`` makes the process kill itself
 with SIGKILL (no handler runs, as with ``kill -9`` or an out-of-memory kill) when it reaches the named point
-at that step. Points: ``step`` (between the estimate and the optimizer update), ``checkpoint`` (after the
+at that step; ``<point>:<step>:<SIGNAL>`` (e.g. ``eval:20:SIGTERM``) sends that signal instead. Points: ``step`` (between the estimate and the optimizer update), ``checkpoint`` (after the
 temporary file is written, before the rename), ``eval`` (inside the periodic evaluation), ``test`` (inside
 the final test), ``results`` (while results.json is written). Unset, each check is one dictionary lookup.
 """
@@ -17,6 +17,6 @@ def point(name: str, step: int) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    where, _, at = spec.partition(":")
+    where, at, sig = (spec.split(":") + ["", ""])[:3]
     if where == name and (not at or int(at) == step):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals[sig] if sig else signal.SIGKILL)

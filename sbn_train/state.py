@@ -52,7 +52,14 @@ def save_atomic(obj: Any, path: Path) -> None:
     except RuntimeError as e:             # torch.save reports a failed write as a RuntimeError
         raise RunError(f"cannot write {path}: {str(e).splitlines()[0][:200]}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 #: config keys that may differ between a run and its resumption (they do not change the trajectory of the

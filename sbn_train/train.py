@@ -175,7 +175,10 @@ def _write_results(out_dir: Path, results: dict) -> None:
     except OSError as e:
         raise RunError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def make_jobs(settings: RunSettings, splits: Splits) -> list[Job]:
