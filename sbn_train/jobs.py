@@ -63,6 +63,12 @@ class Context:
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
 
+    def measured(self) -> None:
+        """After a measurement: the step clock and the progress bar's rate and ETA leave its time out."""
+        self.clock.restart()
+        if hasattr(self.bar, "unpause"):
+            self.bar.unpause()
+
     def log(self, values: dict[str, float], step: int) -> None:
         """TensorBoard scalars, also kept as the run's final metrics (results.json)."""
         self.write(values, step)
@@ -128,7 +134,7 @@ class VarianceProbe(Job):
                              seed=(self.seed * 1_000_003 + step) % (2 ** 31), views=self.cfg.views,
                              exact_max_latents=self.cfg.exact_max_latents, fixed_seed=self.seed)
         ctx.log(v, step)
-        ctx.clock.restart()
+        ctx.measured()
 
 
 class Images(Job):
@@ -189,4 +195,4 @@ class EvaluateAndCheckpoint(Job):
             state.save_best(ctx.out_dir / BEST, ev)
         state.save(ctx.out_dir / CHECKPOINT)
         ctx.writer.flush()
-        ctx.clock.restart()
+        ctx.measured()

@@ -30,12 +30,16 @@ class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig, capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: the optimizer's step counters live on the device, so its step can be captured in a
+    CUDA graph (used for every CUDA run, graph or not, so that both follow the same arithmetic)."""
+    extra = {"capturable": True} if capturable else {}
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                   **extra)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, **extra)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
@@ -135,9 +139,10 @@ class TrainState:
         device = model.prior_logits.device
         est_params = [p for p in estimator.parameters() if p.requires_grad]
         gen = torch.Generator(device=device).manual_seed(seed)
+        cuda = device.type == "cuda"
         return cls(model=model, estimator=estimator,
-                   model_opt=make_optimizer(list(model.parameters()), optim_cfg),
-                   est_opt=make_optimizer(est_params, optim_cfg) if est_params else None,
+                   model_opt=make_optimizer(list(model.parameters()), optim_cfg, capturable=cuda),
+                   est_opt=make_optimizer(est_params, optim_cfg, capturable=cuda) if est_params else None,
                    generator=gen, sampler=TrainSampler(train_data, batch_size, gen), est_params=est_params)
 
     @property

@@ -91,8 +91,11 @@ class TrainStep:
     def apply(self, est: Estimate) -> None:
         apply_grads(est, self.state.model_opt, self.state.est_opt)
 
-    def record(self, est: Estimate) -> None:
+    def record_device(self, est: Estimate) -> None:
         self.state.elbo_sum += est.elbo.mean()
+
+    def record(self, est: Estimate) -> None:
+        self.record_device(est)
         self.state.elbo_n += 1
         self.last_metrics = est.metrics
 
@@ -179,6 +182,21 @@ def _write_results(out_dir: Path, results: dict) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def make_step(state: TrainState, cuda_graph: bool | None):
+    """The step the loop calls: the TrainStep, or its CUDA-graph replay (``train.cuda_graph``; None: on for
+    CUDA devices). When the graph cannot be used, one warning line says why."""
+    step = TrainStep(state)
+    if cuda_graph is False or (cuda_graph is None and state.device.type != "cuda"):
+        return step
+    from .graph import GraphStep, graph_unsupported_reason
+    reason = graph_unsupported_reason(state)
+    if reason is not None:
+        if cuda_graph or state.device.type == "cuda":
+            log.warning("train.cuda_graph: %s; the step runs eagerly", reason)
+        return step
+    return GraphStep(step)
 
 
 def make_jobs(settings: RunSettings, splits: Splits) -> list[Job]:
@@ -289,7 +307,7 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
     if resume_from is not None:
         state.load(resume_from)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    step_fn = TrainStep(state)
+    step_fn = make_step(state, tr.cuda_graph)
     jobs = make_jobs(settings, splits)
     # a resume drops what the killed run logged after its checkpoint (and the pending jobs' own step)
     purge = (state.step if state.jobs_pending else state.step + 1) if state.step else None
