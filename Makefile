@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run test bench bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_step.py $(ARGS)
+
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -174,10 +174,113 @@ def headline(args, device, images) -> None:
             print(f"{n:<20}{d:>8.2f}{f:>10.2f}{b:>10.2f}{o:>8.2f}{tot:>10.2f}{ratio:>12}"
                   f"{mem.get(n, float('nan')):>15.1f}")
         step = {n: r[4] for n, r in res.items()}
+        graph = graph_times(names, sizes, n_hidden, batch, args.rounds, images, device) \
+            if device.type == "cuda" else {}
+        throughput_table(names, step, graph)
+        if graph and "marginal" in graph and "nvil" in graph and graph["marginal"] and graph["nvil"]:
+            print(f"ratio marginal/nvil (graph) = {graph['marginal'] / graph['nvil']:.2f}")
         if "marginal" in step and "nvil" in step:
             print(f"ratio marginal/nvil = {step['marginal'] / step['nvil']:.2f}")
         if "marginal" in step and "marginal_reference" in step:
             print(f"ratio marginal_reference/marginal = {step['marginal_reference'] / step['marginal']:.1f}")
+
+
+RUN_STEPS = 2_000_000    # the paper's run length for the linear and deep models
+
+
+def graph_times(names, sizes, n_hidden, batch, rounds, images, device) -> dict[str, float | None]:
+    """ms per step of the CUDA-graph replay of the same step (None where it cannot be captured)."""
+    from sbn_train.graph import WARMUP_STEPS, GraphStep, graph_unsupported_reason
+    out: dict[str, float | None] = {}
+    for n in names:
+        step = make(n, sizes, n_hidden, images, batch, device)
+        if graph_unsupported_reason(step.state) is not None:
+            out[n] = None
+            continue
+        g = GraphStep(step)
+        for _ in range(WARMUP_STEPS + 3):                        # warm-up steps, capture, first replays
+            g()
+        if g.failed:
+            out[n] = None
+            continue
+        reps = max(50, rounds * 10)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            g()
+        sync(device)
+        out[n] = (time.perf_counter() - t0) / reps * 1e3
+    return out
+
+
+def throughput_table(names, eager_ms: dict[str, float], graph_ms: dict[str, float | None]) -> None:
+    """Steps per second and the hours a 2M-step run implies, from the step times above."""
+    cols = ["eager"] + (["graph"] if graph_ms else [])
+    print(f"{'estimator':<20}" + "".join(f"{c + ' steps/s':>16}{c + ' h/2M':>12}" for c in cols))
+    for n in names:
+        row = f"{n:<20}"
+        for ms in [eager_ms[n]] + ([graph_ms.get(n)] if graph_ms else []):
+            if ms:
+                row += f"{1e3 / ms:>16.1f}{RUN_STEPS * ms / 3.6e6:>12.2f}"
+            else:
+                row += f"{'eager only':>16}{'-':>12}"
+        print(row)
+
+
+def concurrency(args, device) -> None:
+    """k runs at once (separate processes, as hydra/launcher=joblib runs them), each timing the training
+    step for the same wall-clock window; prints the aggregate steps/s for each k."""
+    model_name = args.models.split(",")[0]
+    batch = args.batch or paper_batch(model_name)
+    for est in args.estimators.split(","):
+        print(f"\n## {k_list_text(args.concurrent)} concurrent runs of {est}, {model_name}, batch {batch}, {device}")
+        print(f"{'k':>4}{'steps/s each':>16}{'aggregate steps/s':>20}{'vs k=1':>10}")
+        base = None
+        for k in [int(v) for v in args.concurrent.split(",")]:
+            start = time.time() + args.warmup_seconds
+            cmd = [sys.executable, __file__, "--_worker", est, "--models", model_name, "--batch", str(batch),
+                   "--device", args.device, "--data", args.data, "--_start", str(start),
+                   "--_seconds", str(args.window_seconds), "--threads", str(args.threads or 1)]
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+                     for _ in range(k)]
+            rates = []
+            for p in procs:
+                out, err = p.communicate()
+                if p.returncode != 0:
+                    raise RuntimeError(err[-2000:])
+                rates.append(float(out.strip().splitlines()[-1]))
+            total = sum(rates)
+            base = base or total
+            print(f"{k:>4}{total / k:>16.1f}{total:>20.1f}{total / base:>10.2f}")
+
+
+def k_list_text(spec: str) -> str:
+    return "/".join(spec.split(","))
+
+
+def worker(args) -> None:
+    """One of the concurrent runs: warm up, then count steps in the common window."""
+    device = torch.device(args.device)
+    images = load_images(args.data, device)
+    sizes, n_hidden = model_spec(args.models)
+    step = make(args._worker, sizes, n_hidden, images, args.batch, device)
+    if device.type == "cuda":
+        from sbn_train.graph import GraphStep, graph_unsupported_reason
+        if graph_unsupported_reason(step.state) is None:
+            step = GraphStep(step)
+    for _ in range(6):
+        step()
+    sync(device)
+    while time.time() < args._start:
+        step()
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < args._seconds:
+        for _ in range(10):
+            step()
+        n += 10
+    sync(device)
+    print(n / (time.perf_counter() - t0))
 
 
 def scaling(args, device, images) -> None:
@@ -209,6 +312,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="time the model weights of this checkpoint (a run of the same model) "
                                          "instead of the initialization")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--concurrent", help="k1,k2,...: aggregate steps/s of k runs at once (e.g. 1,2,4,8)")
+    ap.add_argument("--warmup-seconds", type=float, default=20.0, help="concurrency mode: start-up allowance")
+    ap.add_argument("--window-seconds", type=float, default=10.0, help="concurrency mode: timed window")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_start", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--_seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--_memory", help=argparse.SUPPRESS)
     ap.add_argument("--_sizes", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -225,11 +334,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args._memory:
         return memory_child(args)
+    if args._worker:
+        return worker(args)
     device = torch.device(args.device)
     cap = torch.backends.cpu.get_cpu_capability()
     print(f"torch {torch.__version__}, device {device}, CPU capability {cap}, threads {torch.get_num_threads()}")
     images = load_images(args.data, device)
-    if args.scaling:
+    if args.concurrent:
+        concurrency(args, device)
+    elif args.scaling:
         scaling(args, device, images)
     else:
         headline(args, device, images)
