@@ -24,8 +24,15 @@ def test_headline_reports_ratios_and_memory(tmp_path):
     out = bench("--models", "sbn_1layer", "--batch", "8", "--rounds", "1", "--slow-rounds", "1",
                 "--checkpoint", str(tmp_path / "checkpoint.pt"))
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()
-            if line.split() and line.split()[0] in ("reinforce", "nvil", "marginal", "marginal_reference")}
+    names = ("reinforce", "nvil", "marginal", "marginal_reference")
+    lines = [line.split() for line in out.stdout.splitlines() if line.split() and line.split()[0] in names]
+    rows = {w[0]: w[1:] for w in lines[:4]}                     # the timing table
+    throughput = {w[0]: w[1:] for w in lines[4:]}               # steps/s and hours per 2M steps (eager)
+    assert set(throughput) == set(names)
+    for n, (rate, hours) in throughput.items():
+        # printed to 0.1 step/s and 0.01 h: the rounding of both bounds the difference
+        r = float(rate)
+        assert abs(float(hours) - 2e6 / r / 3600) <= 0.005 + 2e6 / 3600 * 0.05 / (r * (r - 0.05)) + 1e-9, n
     assert set(rows) == {"reinforce", "nvil", "marginal", "marginal_reference"}
     for cols in rows.values():                      # batch, forward, backward, optim, step, /reinforce, peak MB
         assert len(cols) == 7 and all(float(c) > 0 for c in cols[:5]) and float(cols[6]) >= 0
