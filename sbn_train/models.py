@@ -20,6 +20,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+#: sample rows per block of ``SBN.log_weights`` on a CPU: small enough that a block's [rows, D] temporaries
+#: stay in cache (and below the allocator's mmap threshold), large enough for efficient matrix products
+EVAL_BLOCK_ROWS = 2048
+
 
 def softplus(a: Tensor) -> Tensor:
     """log(1 + e^a), exact for every a. (``F.softplus`` returns a itself above a = 20, an absolute error of
@@ -176,6 +180,11 @@ class SBN(nn.Module):
         """log p(x, z_1..z_L), ``[B]``."""
         return torch.stack(self.log_p_layers(x, zs)).sum(0)
 
+    def objective(self, x: Tensor, zs: Sequence[Tensor]) -> Tensor:
+        """F(z) = log p(x, z) + sum_l H(q(. | z_{l-1})), ``[B]``: the ELBO integrand with each layer's log q
+        replaced by its analytic conditional entropy (E_q[F] is the ELBO). Differentiable through ``zs``."""
+        return self.log_joint(x, zs) + torch.stack(self.entropy_layers(x, zs)).sum(0)
+
     @torch.no_grad()
     def sample_p(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
         """Ancestral samples: returns (mean of x given z_1 ``[n, D]``, [z_1..z_L])."""
@@ -190,17 +199,55 @@ class SBN(nn.Module):
 
     # ----- bounds ---------------------------------------------------------------------------
     @torch.no_grad()
+    def log_weights(self, x: Tensor, samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """log p(x, z) - log q(z | x) for ``samples`` draws z ~ q(. | x) per row of ``x`` ``[B, D]``: ``[samples, B]``.
+
+        The draws are those of ``sample_q(x.repeat(samples, 1), draw_uniforms(samples * B))`` and every value
+        is computed by the same operations on the same operands, so the result is bitwise the same as that
+        ``log_joint - log_q``; only the work is arranged differently: each data row's first inference layer
+        is computed once, each layer's q logits are kept for log q instead of recomputed, and on a CPU the
+        sample rows go in blocks of about ``EVAL_BLOCK_ROWS`` so every temporary stays cache-sized.
+        """
+        B = x.shape[0]
+        us = self.draw_uniforms(samples * B, generator, x.device, x.dtype)   # [samples*B, H_l], sample-major
+        a1 = self.q_logits(1, x)                                              # [B, H_1]
+        per_block = samples if x.device.type != "cpu" else max(1, min(samples, EVAL_BLOCK_ROWS // max(B, 1)))
+        out = x.new_empty(samples, B)
+        for s0 in range(0, samples, per_block):
+            s1 = min(samples, s0 + per_block)
+            block = [u[s0 * B:s1 * B] for u in us]
+            out[s0:s1] = self._block_log_weights(x, a1.repeat(s1 - s0, 1), block).view(s1 - s0, B)
+        return out
+
+    def _block_log_weights(self, x: Tensor, a1: Tensor, uniforms: Sequence[Tensor]) -> Tensor:
+        """``log_weights`` of one block: ``a1`` ``[s*B, H_1]`` (x's first-layer logits, repeated s times) and the
+        block's uniforms; ``[s*B]``."""
+        logits, zs, a = [], [], a1
+        for l, u in enumerate(uniforms, start=1):
+            if l > 1:
+                a = self.q_logits(l, zs[-1])
+            logits.append(a)
+            zs.append(threshold(logit_of_uniform(u), a))
+        px = self.p_nets[0](zs[0])                                            # [s*B, D]
+        s, B = px.shape[0] // x.shape[0], x.shape[0]
+        # bernoulli_log_prob(x.repeat(s, 1), px) without the repeated copy of x
+        terms = [(px.view(s, B, -1) * x).sum(-1).view(-1) - softplus(px).sum(-1)]
+        terms += [bernoulli_log_prob(v, self.p_nets[l](z)) for l, (v, z) in enumerate(zip(zs[:-1], zs[1:]), start=1)]
+        terms.append(bernoulli_log_prob(zs[-1], self.prior_logits))
+        log_q = torch.stack([bernoulli_log_prob(z, a) for z, a in zip(zs, logits)]).sum(0)
+        return torch.stack(terms).sum(0) - log_q
+
+    @torch.no_grad()
     def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Single-sample ELBO estimate log p(x, z) - log q(z | x), ``[B]``."""
-        zs = self.sample_q(x, self.draw_uniforms(x.shape[0], generator, x.device, x.dtype))
-        return self.log_joint(x, zs) - self.log_q(x, zs)
+        return self.log_weights(x, 1, generator)[0]
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, generator: torch.Generator | None = None,
                    max_rows: int = 65536) -> Tensor:
         """K-sample importance-weighted bound log (1/K) sum_k p(x, z_k) / q(z_k | x), ``[B]``.
 
-        The K samples are processed in chunks of at most ``max_rows`` rows so memory stays bounded
+        The K samples are drawn in chunks of at most ``max_rows`` rows so memory stays bounded
         for large K; chunks are combined with a running logsumexp.
         """
         B = x.shape[0]
@@ -209,9 +256,7 @@ class SBN(nn.Module):
         done = 0
         while done < k:
             c = min(per_chunk, k - done)
-            xr = x.repeat(c, 1)  # [c*B, D], sample-major
-            zs = self.sample_q(xr, self.draw_uniforms(xr.shape[0], generator, x.device, x.dtype))
-            w = (self.log_joint(xr, zs) - self.log_q(xr, zs)).view(c, B)
+            w = self.log_weights(x, c, generator)                           # [c, B]
             total = torch.logaddexp(total, torch.logsumexp(w, 0))
             done += c
         return total - math.log(k)

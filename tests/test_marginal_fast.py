@@ -156,7 +156,7 @@ def test_empty_batch():
 
 
 def test_dense_route_everywhere_equals_reference(monkeypatch):
-    """The route a GPU takes: no sparse first re-simulation, every change set dense."""
+    """The CPU route with every change set dense (no sparse first re-simulation)."""
     monkeypatch.setattr(marginal, "_first_resimulated", lambda *a, **k: None)
     monkeypatch.setattr(marginal._Changes, "from_dense", classmethod(lambda cls, dz, scratch: cls(dz=dz)))
     for i, (x_dim, sizes, n_hidden, scale) in enumerate(MODELS):

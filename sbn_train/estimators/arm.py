@@ -18,9 +18,9 @@ E[ARM | b, b~]):
 Both estimators are stated for one layer of binary units; here they are applied layer by layer, each
 layer with its own local learning signal. For layer l the layers below are the sample, the pair is
 (z_l, z~_l) from u_l, f is the layer's downstream learning signal s_l (see ``score_function``; upstream
-terms cancel in the difference), and on each branch the layers above are re-drawn from the SAME uniforms u_{l+1..L} (common random numbers), so
-f(b) is the sampled configuration itself and every layer costs one extra pass over the layers above
-it. Each branch's upper layers have the right conditional distribution given its z_l, so the
+terms cancel in the difference), and on each branch the layers above are re-drawn from the SAME uniforms
+u_{l+1..L} (common random numbers), so f(b) is the sampled configuration itself and every layer costs one
+extra pass over the layers above it. Each branch's upper layers have the right conditional distribution given its z_l, so the
 estimator stays unbiased. Generative parameters get the pathwise gradient of log p(x, z) at the sample.
 """
 from __future__ import annotations
@@ -29,35 +29,29 @@ import torch
 from torch import Tensor
 
 from ..models import SBN, threshold
-from .base import Estimate, Estimator, elbo_of
-from .branches import layer_signal, resimulate, sample_layers
-from .score_function import downstream_signals
+from .branches import Sample, layer_signal, resimulate
+from .layerwise import LogitCoefficientEstimator
 
 
-class ARM(Estimator):
+class ARM(LogitCoefficientEstimator):
     """ARM applied per stochastic layer with shared upper-layer noise on both branches (two evaluations)."""
 
-    def coefficient(self, diff: Tensor, u: Tensor, logits: Tensor, z: Tensor, z_anti: Tensor) -> Tensor:
+    q_samples = 2
+
+    def pair_coefficient(self, diff: Tensor, u: Tensor, logits: Tensor, z: Tensor, z_anti: Tensor) -> Tensor:
         """d(estimate)/d a, ``[B, H]``, from diff = f(b) - f(b~) ``[B]``."""
         return diff[:, None] * (0.5 - u)
 
-    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
-        s = sample_layers(model, x, generator)
-        signals = downstream_signals(s.log_p, s.log_q)
-        score = x.new_zeros(x.shape[0])
-        for l, (a, z, u, lu) in enumerate(zip(s.q_logits, s.zs, s.uniforms, s.lus), start=1):
-            with torch.no_grad():
-                z_anti = threshold(-lu, a)                     # 1[1 - u < sigmoid(a)]: logit(1 - u) = -logit(u)
-                branch = resimulate(model, s.zs, s.lus, l, z_anti)
-                diff = signals[l - 1] - layer_signal(model, x, branch, l)       # [B]
-                coef = self.coefficient(diff, u, a, z, z_anti)                   # [B, H_l]
-            score = score + (coef * a).sum(-1)
-        surrogate = -(torch.stack(s.log_p).sum(0) + score).mean()
-        return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, s.zs, s.log_p, s.log_q))
+    def coefficient(self, model: SBN, x: Tensor, s: Sample, l: int, signals: list[Tensor]) -> Tensor:
+        a, z, u = s.q_logits[l - 1], s.zs[l - 1], s.uniforms[l - 1]
+        z_anti = threshold(-s.lus[l - 1], a)                  # 1[1 - u < sigmoid(a)]: logit(1 - u) = -logit(u)
+        branch = resimulate(model, s.zs, s.lus, l, z_anti)
+        diff = signals[l - 1] - layer_signal(model, x, branch, l)                # [B]
+        return self.pair_coefficient(diff, u, a, z, z_anti)                      # [B, H_l]
 
 
 class DisARM(ARM):
     """DisARM: ARM with u integrated out given the antithetic pair; per coordinate Var(DisARM) <= Var(ARM)."""
 
-    def coefficient(self, diff: Tensor, u: Tensor, logits: Tensor, z: Tensor, z_anti: Tensor) -> Tensor:
+    def pair_coefficient(self, diff: Tensor, u: Tensor, logits: Tensor, z: Tensor, z_anti: Tensor) -> Tensor:
         return 0.5 * diff[:, None] * (z - z_anti) * torch.sigmoid(logits.abs())

@@ -8,6 +8,9 @@ their gradient from ``aux_loss`` only; the training loop steps them with an opti
 
 State that adapts during training (moving averages) is updated only in ``train()`` mode, so a
 measurement in ``eval()`` mode leaves the estimator exactly as it found it.
+
+``forward`` reads nothing back to the host: ``metrics`` are detached 0-dim tensors on the model's
+device, converted to floats by whoever logs them (a host read is a synchronization point on a GPU).
 """
 from __future__ import annotations
 
@@ -18,28 +21,47 @@ from torch import Tensor, nn
 
 from ..models import SBN
 
+#: default bound on the entries of per-chunk temporaries of the flipped-unit passes (8 MB in float32)
+DEFAULT_MAX_ELEMENTS = 1 << 21
+
 
 @dataclass
 class Estimate:
     surrogate: Tensor                 # scalar; its gradient estimates d(-mean ELBO)/d(model params)
     elbo: Tensor                      # [B], detached single-sample ELBO log p(x,z) - log q(z|x)
     aux_loss: Tensor | None = None    # scalar loss for the estimator's own parameters, or None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)   # detached 0-dim tensors, logged as estimator/<key>
 
 
 class Estimator(nn.Module):
-    """Base class; subclasses implement ``forward(model, x, generator=None) -> Estimate``."""
+    """Base class; subclasses implement ``forward(model, x, generator=None) -> Estimate``.
+
+    The class attributes below describe the estimator to the test suite, which derives its lists from them:
+    every file of ``configs/estimator/`` is checked against the exact gradient of its ``objective``
+    (unbiased ones must pass, biased ones must fail the same test).
+    """
 
     #: True when E[gradient of surrogate] equals the exact gradient of ``objective`` for every parameter value
     unbiased: bool = True
     #: the bound whose gradient the surrogate estimates: "elbo", or "iwae" (the K-sample bound, e.g. VIMCO)
     objective: str = "elbo"
+    #: False for an estimator without noise (the exact gradient by enumeration)
+    monte_carlo: bool = True
+    #: samples z ~ q(. | x) per example at which the learning signal is evaluated (an antithetic pair counts
+    #: two, K-sample estimators K); the variance comparisons put estimators with equal counts side by side
+    q_samples: int = 1
 
     def __init__(self, model: SBN | None = None):
         super().__init__()
 
     def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:  # noqa: D401
         raise NotImplementedError
+
+
+def check_max_elements(max_elements: int) -> int:
+    if max_elements <= 0:
+        raise ValueError(f"max_elements must be positive, got {max_elements}")
+    return int(max_elements)
 
 
 def elbo_of(model: SBN, x: Tensor, zs: list[Tensor], log_p: list[Tensor] | None = None,

@@ -1,7 +1,8 @@
 """Pieces shared by the estimators that evaluate the learning signal on more than one configuration.
 
-- :func:`layer_signal`: the downstream learning signal of layer l (the one the likelihood-ratio
-  estimators use, see ``score_function.downstream_signals``) at any configuration.
+- :func:`downstream_signals`: each layer's downstream learning signal (the one the likelihood-ratio
+  estimators use) from the per-layer terms of a sample; :func:`layer_signal`: the same for one layer at
+  any configuration.
 - :func:`resimulate`: a branch that replaces layer l and re-draws the layers above from the SAME
   uniforms (common random numbers), as the antithetic and marginal estimators need.
 - :func:`flipped_log_prob`: log-probabilities of a conditional with each input unit flipped in turn.
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, softplus, threshold
-from .marginal_fast import _FlipTable, flip_log_prob_change
+from .base import DEFAULT_MAX_ELEMENTS
+from .marginal_fast import _FlipTable, flip_log_prob_change, on_device_route
 
 
 @dataclass
@@ -32,13 +34,29 @@ class Sample:
 
 
 def sample_layers(model: SBN, x: Tensor, generator: torch.Generator | None) -> Sample:
+    """Ancestral sampling as ``model.sample_q`` (same uniforms, same values); each layer's logits are
+    computed once and kept with their gradients."""
     uniforms = model.draw_uniforms(x.shape[0], generator, x.device, x.dtype)
     lus = [logit_of_uniform(u) for u in uniforms]
-    zs = model.sample_q(x, uniforms)
-    parents = [x] + zs[:-1]
-    q_logits = [model.q_logits(l, p) for l, p in enumerate(parents, start=1)]
+    zs, q_logits, parent = [], [], x
+    for l, lu in enumerate(lus, start=1):
+        q_logits.append(model.q_logits(l, parent))                  # [B, H_l], reaches phi
+        parent = threshold(lu, q_logits[-1].detach())
+        zs.append(parent)
     log_q = [bernoulli_log_prob(z, a) for z, a in zip(zs, q_logits)]
-    return Sample(uniforms, lus, zs, parents, q_logits, model.log_p_layers(x, zs), log_q)
+    return Sample(uniforms, lus, zs, [x] + zs[:-1], q_logits, model.log_p_layers(x, zs), log_q)
+
+
+def downstream_signals(log_p: list[Tensor], log_q: list[Tensor]) -> list[Tensor]:
+    """Detached [s_1, ..., s_L], s_l = log p(z_L) + sum_{k >= l} [log p(z_{k-1} | z_k) - log q(z_k | z_{k-1})],
+    from log_p = [log p(z_0|z_1), ..., log p(z_{L-1}|z_L), log p(z_L)] and log_q = [log q(z_1|x), ...,
+    log q(z_L|z_{L-1})], each ``[B]``. s_1 is the whole integrand log p(x, z) - log q(z | x)."""
+    L = len(log_q)
+    signals, acc = [None] * L, log_p[L].detach()
+    for l in range(L - 1, -1, -1):
+        acc = acc + (log_p[l] - log_q[l]).detach()
+        signals[l] = acc
+    return signals
 
 
 @torch.no_grad()
@@ -62,7 +80,8 @@ def resimulate(model: SBN, zs: list[Tensor], lus: list[Tensor], l: int, z_l: Ten
 
 
 @torch.no_grad()
-def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor, max_elements: int = 1 << 21) -> Tensor:
+def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor,
+                     max_elements: int = DEFAULT_MAX_ELEMENTS) -> Tensor:
     """``[B, H]``: entry (b, i) = log Bern(target_b | sigmoid(net(inp_b with unit i flipped))), no gradient.
 
     ``inp`` is the net's binary input ``[B, H]`` (a latent layer; flipping unit i sets it to 1 - inp_i);
@@ -71,7 +90,8 @@ def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor, max_elements
     temporaries. For a linear net the changes come from the exp tables of the marginal estimator's fast
     path (no exp or log per entry).
     """
-    if not bool(((inp == 0) | (inp == 1)).all()):
+    # the check reads a value back to the host, a stall on a GPU: made on the CPU route only
+    if not on_device_route(inp) and not bool(((inp == 0) | (inp == 1)).all()):
         raise ValueError("flipped_log_prob needs a binary input (a latent layer)")
     B, H = inp.shape
     if B == 0:

@@ -13,6 +13,9 @@ from .base import Estimate, Estimator
 
 
 class Exact(Estimator):
+    monte_carlo = False
+    q_samples = 0
+
     def __init__(self, model: SBN | None = None, max_rows: int = 1 << 18):
         super().__init__(model)
         if model is not None:

@@ -16,6 +16,14 @@ from its marginal under q, the estimator is unbiased. Only the terms that touch 
 two values: log p(z_{l-1} | z_l), unit i of log q(z_l | z_{l-1}), log q(z_{l+1} | z_l), and unit i of
 log p(z_l | z_{l+1}) (of the prior when l = L). Uses one sample of z and 2 evaluations per unit of these
 local terms. Generative parameters get the pathwise gradient of log p(x, z) at the sample.
+
+``upstream_terms=True`` computes what the authors' published code (github beam2d/sbn, Chainer) computes:
+there every layer's signal is the whole integrand log p(x, z) - log q(z | x) at the sample and at each
+flipped configuration. The upstream terms do not contain z_j, so the flip differences are the same and
+each estimate gains U_l sum_v q(z_j = v | z_-j) (v - mu_j) with U_l the terms below layer l; its mean
+given z_{<l} is U_l (E[z_j | z_{l-1}] - mu_j) = 0, so it stays unbiased, with more variance. In the top
+layer q(z_j = v | z_-j) = q(z_j = v | z_{L-1}), so the added term vanishes for every z; a two-layer model has no
+other layer with upstream terms, so there both forms agree up to rounding.
 """
 from __future__ import annotations
 
@@ -23,23 +31,30 @@ import torch
 from torch import Tensor
 
 from ..models import SBN
-from .base import Estimate, Estimator, elbo_of
-from .branches import Sample, flipped_log_prob, sample_layers
-from .score_function import downstream_signals
+from .base import DEFAULT_MAX_ELEMENTS, check_max_elements
+from .branches import Sample, downstream_signals, flipped_log_prob
+from .layerwise import LogitCoefficientEstimator
 
 
-class LEG(Estimator):
+class LEG(LogitCoefficientEstimator):
     """Local expectation gradients for every unit of every layer.
 
     Args:
         max_elements: bound on the temporaries of the flipped-unit passes (entries per chunk).
+        upstream_terms: every layer's learning signal is the whole integrand log p(x, z) - log q(z | x)
+            instead of its downstream part (as the authors' published code computes it; see the module
+            docstring). Unbiased either way; more variance below the top layer on models deeper than two.
     """
 
-    def __init__(self, model: SBN | None = None, max_elements: int = 1 << 21):
+    def __init__(self, model: SBN | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                 upstream_terms: bool = False):
         super().__init__(model)
-        if max_elements <= 0:
-            raise ValueError(f"max_elements must be positive, got {max_elements}")
-        self.max_elements = int(max_elements)
+        self.max_elements = check_max_elements(max_elements)
+        self.upstream_terms = bool(upstream_terms)
+
+    def signals(self, s: Sample) -> list[Tensor]:
+        signals = downstream_signals(s.log_p, s.log_q)
+        return [signals[0]] * len(signals) if self.upstream_terms else signals     # s_1: the whole integrand
 
     @torch.no_grad()
     def flip_terms(self, model: SBN, s: Sample, l: int) -> tuple[Tensor, Tensor]:
@@ -56,18 +71,11 @@ class LEG(Estimator):
             d_p = d_p + d * model.prior_logits
         return d_p - d_q, d_q
 
-    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
-        s = sample_layers(model, x, generator)
-        signals = downstream_signals(s.log_p, s.log_q)
-        score = x.new_zeros(x.shape[0])
-        for l, (a, z, sig) in enumerate(zip(s.q_logits, s.zs, signals), start=1):
-            with torch.no_grad():
-                d_signal, d_logq = self.flip_terms(model, s, l)         # [B, H]
-                w_keep = torch.sigmoid(-d_logq)                          # q(z_j = sampled | Markov blanket)
-                mu = torch.sigmoid(a)
-                kept = w_keep * sig[:, None] * (z - mu)
-                flipped = (1 - w_keep) * (sig[:, None] + d_signal) * (1 - z - mu)
-                coef = kept + flipped                                    # d(estimate)/d a, [B, H]
-            score = score + (coef * a).sum(-1)
-        surrogate = -(torch.stack(s.log_p).sum(0) + score).mean()
-        return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, s.zs, s.log_p, s.log_q))
+    def coefficient(self, model: SBN, x: Tensor, s: Sample, l: int, signals: list[Tensor]) -> Tensor:
+        a, z, sig = s.q_logits[l - 1], s.zs[l - 1], signals[l - 1]
+        d_signal, d_logq = self.flip_terms(model, s, l)                 # [B, H]
+        w_keep = torch.sigmoid(-d_logq)                                  # q(z_j = sampled | Markov blanket)
+        mu = torch.sigmoid(a)
+        kept = w_keep * sig[:, None] * (z - mu)
+        flipped = (1 - w_keep) * (sig[:, None] + d_signal) * (1 - z - mu)
+        return kept + flipped                                            # d(estimate)/d a, [B, H]

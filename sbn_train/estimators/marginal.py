@@ -18,28 +18,60 @@ Two implementations of the per-unit differences Delta_{l,i} = F(z with z_{l,i} f
 - :func:`flip_deltas_reference`: the definition. B*H_l flipped copies as rows, every layer above
   re-run in full. Readable, slow.
 - :func:`flip_deltas` (:mod:`.marginal_fast`): the same numbers at element-wise cost.
+
+``top_prior_at_mean=True`` (config ``marginal_paper_code``) computes what the authors' published code
+(github beam2d/sbn, Chainer) computes. There, in every flipped branch, the prior term log p(z'_L) is
+evaluated at q's mean of the branch's top layer instead of its binary value:
+
+    log p(z'_L)  ->  sum_i [m'_i b_i - softplus(b_i)],     m' = sigmoid(q logits of layer L given z'_{L-1}),
+
+b the prior logits; F at the sampled configuration keeps the sample. When layer L itself is flipped,
+z'_{L-1} is the sampled layer, so m' = sigmoid(a_L) of the sample whatever unit flips: the flipped value
+does not enter the prior term at all (in that code the flipped copies of the top layer keep the top
+layer's logits, and the mean is taken from those). With b = 0 both forms of log p(z_L) are -H_L log 2
+and the estimator equals the marginal one exactly. Otherwise the top layer's estimate is biased: for a
+flip of unit i the difference gains (m - z_L) . b - d_i b_i (d_i = 1 - 2 z_{L,i}), whose mean given the
+parent is -b_i (1 - 2 s_i (1 - s_i)), s = sigmoid(a_L). The expected gradient of the surrogate (the
+negative ELBO) w.r.t. a_{L,i} is therefore off by
+
+    s_i (1 - s_i) (1 - 2 s_i (1 - s_i)) b_i      per row (divided by the batch size for the batch mean).
+
+Below the top layer the added (m' - z'_L) . b has mean 0 over the top layer's uniforms, so those layers
+stay unbiased. The fast path adds (m' - z'_L) . b, from a re-simulation of the layers above l through q
+only (rank-1 for layer l+1, as in :mod:`.marginal_fast`), to the fast deltas.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..models import SBN, bernoulli_entropy, bernoulli_log_prob, logit_of_uniform, threshold
-from .base import Estimate, Estimator
+from ..models import SBN, bernoulli_entropy, logit_of_uniform, threshold
+from .base import DEFAULT_MAX_ELEMENTS, check_max_elements
+from .branches import Sample
+from .layerwise import LayerwiseEstimator
 from .marginal_fast import flip_deltas
 
-__all__ = ["Marginal", "flip_deltas", "flip_deltas_reference", "objective_terms"]
+__all__ = ["Marginal", "flip_deltas", "flip_deltas_reference", "objective_terms", "top_prior_mean_shift"]
 
 
 def objective_terms(model: SBN, x: Tensor, zs: list[Tensor]) -> Tensor:
-    """F(z) = log p(x, z) + sum_l H(q(. | z_{l-1})), ``[B]``."""
-    return model.log_joint(x, zs) + torch.stack(model.entropy_layers(x, zs)).sum(0)
+    """F(z) = log p(x, z) + sum_l H(q(. | z_{l-1})), ``[B]`` (:meth:`SBN.objective`)."""
+    return model.objective(x, zs)
+
+
+def _prior_mean_shift(model: SBN, top_parent: Tensor, z_top: Tensor) -> Tensor:
+    """(m - z_L) . b, ``[R]``: log p(z_L) evaluated at m = sigmoid(q logits of layer L given ``top_parent``)
+    minus log p(z_L) at ``z_top``."""
+    m = torch.sigmoid(model.q_logits(model.n_layers, top_parent))
+    return ((m - z_top) * model.prior_logits).sum(-1)
 
 
 @torch.no_grad()
-def flip_deltas_reference(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor]) -> list[Tensor]:
-    """Delta_{l,i} = F(flip z_{l,i}, re-simulate above) - F(z), one ``[B, H_l]`` per layer, by brute force."""
-    f_sampled = objective_terms(model, x, zs)                    # [B]
+def flip_deltas_reference(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
+                          top_prior_at_mean: bool = False) -> list[Tensor]:
+    """Delta_{l,i} = F(flip z_{l,i}, re-simulate above) - F(z), one ``[B, H_l]`` per layer, by brute force.
+    ``top_prior_at_mean``: the flipped branches' prior term at q's mean of their top layer (module docstring)."""
+    f_sampled = model.objective(x, zs)                           # [B]
     deltas = []
     for l, H in enumerate(model.latent_sizes, start=1):
         B = x.shape[0]
@@ -49,56 +81,86 @@ def flip_deltas_reference(model: SBN, x: Tensor, zs: list[Tensor], uniforms: lis
         for k in range(l + 1, model.n_layers + 1):               # re-simulate with the same uniforms
             lu = logit_of_uniform(uniforms[k - 1]).repeat_interleave(H, 0)
             flipped.append(threshold(lu, model.q_logits(k, flipped[-1])))
-        f_flipped = objective_terms(model, x.repeat_interleave(H, 0), flipped).view(B, H)
-        deltas.append(f_flipped - f_sampled[:, None])
+        xr = x.repeat_interleave(H, 0)
+        f_flipped = model.objective(xr, flipped)
+        if top_prior_at_mean:
+            f_flipped = f_flipped + _prior_mean_shift(model, ([xr] + flipped)[-2], flipped[-1])
+        deltas.append(f_flipped.view(B, H) - f_sampled[:, None])
     return deltas
 
 
-class Marginal(Estimator):
+@torch.no_grad()
+def top_prior_mean_shift(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
+                         max_elements: int = DEFAULT_MAX_ELEMENTS) -> list[Tensor]:
+    """(m' - z'_L) . b for every branch (flip of unit i of layer l, layers above re-simulated from the same
+    uniforms), one ``[B, H_l]`` per layer: what ``top_prior_at_mean`` adds to each Delta_{l,i}.
+
+    Only the inference net is run on the branches: a flip moves the pre-activations of q_{l+1} by
+    d_i W[:, i] (rank-1, as in the fast path), the layers above are re-simulated densely, in chunks of
+    units with at most ``max_elements`` entries per layer."""
+    L, b, B = model.n_layers, model.prior_logits, x.shape[0]
+    lus = [logit_of_uniform(u) for u in uniforms]
+    out = []
+    for l in range(1, L):
+        H, q_next = model.sizes[l], model.q_nets[l]              # q_{l+1} reads z_l
+        d = 1 - 2 * zs[l - 1]                                    # [B, H]: the change a flip makes
+        pre = q_next.first(zs[l - 1])                            # [B, h]
+        chunk = max(1, min(H, max_elements // max(1, B * max(model.sizes[l + 1:]))))
+        shift = torch.empty_like(d)
+        for a in range(0, H, chunk):
+            e = min(H, a + chunk)
+            w = q_next.first.weight[:, a:e].T.contiguous()       # [c, h]
+            logits = q_next.tail(torch.addcmul(pre[:, None, :], d[:, a:e, None], w[None]))   # [B, c, H_{l+1}]
+            for k in range(l + 2, L + 1):                        # z'_{k-1}, then the logits of layer k
+                logits = model.q_nets[k - 1](threshold(lus[k - 2][:, None, :], logits))
+            z_top = threshold(lus[L - 1][:, None, :], logits)    # [B, c, H_L]
+            shift[:, a:e] = ((torch.sigmoid(logits) - z_top) * b).sum(-1)
+        out.append(shift)
+    # a flip in layer L leaves its parent, hence m, as sampled; only z_L moves, by d_i at unit i
+    d = 1 - 2 * zs[-1]
+    out.append(_prior_mean_shift(model, ([x] + zs)[-2], zs[-1])[:, None] - d * b)
+    return out
+
+
+class Marginal(LayerwiseEstimator):
     """Tokui & Sato's marginal ("RAM") estimator: every unit of every layer marginalized, descendants
     re-simulated with common random numbers. Unbiased; exact (zero variance) with one latent unit.
 
     Args:
-        max_elements: bound on the size of per-chunk temporaries (memory ~ 4 bytes x this x a few).
+        max_elements: bound on the size of per-chunk temporaries (memory ~ 4 bytes x this x a few); None:
+            the flip pass's default for the tensors' device (:data:`.base.DEFAULT_MAX_ELEMENTS` on a CPU).
         implementation: ``"fast"`` (rank-1 updates, :func:`flip_deltas`) or ``"reference"``.
         n_samples: K independent noise draws per example; the estimate (and the reported ELBO) is the
             mean of the K single-draw estimates, so it stays unbiased with K times less variance.
+        top_prior_at_mean: the flipped branches' prior term at q's mean of their top layer, as the
+            authors' published code computes it (module docstring). Biased unless the prior logits are 0.
     """
 
-    def __init__(self, model: SBN | None = None, max_elements: int = 1 << 21, implementation: str = "fast",
-                 n_samples: int = 1):
+    def __init__(self, model: SBN | None = None, max_elements: int | None = None,
+                 implementation: str = "fast", n_samples: int = 1, top_prior_at_mean: bool = False):
         super().__init__(model)
         if implementation not in ("fast", "reference"):
             raise ValueError(f"implementation must be 'fast' or 'reference', got {implementation!r}")
-        if max_elements <= 0:
-            raise ValueError(f"max_elements must be positive, got {max_elements}")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        self.max_elements = int(max_elements)
+        self.max_elements = None if max_elements is None else check_max_elements(max_elements)
         self.implementation = implementation
-        self.n_samples = int(n_samples)
+        self.n_samples = self.q_samples = int(n_samples)
+        self.top_prior_at_mean = bool(top_prior_at_mean)
+        self.unbiased = not self.top_prior_at_mean
 
     def deltas(self, model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor]) -> list[Tensor]:
         if self.implementation == "reference":
-            return flip_deltas_reference(model, x, zs, uniforms)
-        return flip_deltas(model, x, zs, uniforms, self.max_elements)
+            return flip_deltas_reference(model, x, zs, uniforms, self.top_prior_at_mean)
+        deltas = flip_deltas(model, x, zs, uniforms, self.max_elements)
+        if self.top_prior_at_mean:
+            shifts = top_prior_mean_shift(model, x, zs, uniforms, self.max_elements or DEFAULT_MAX_ELEMENTS)
+            deltas = [delta + shift for delta, shift in zip(deltas, shifts)]
+        return deltas
 
-    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
-        B, K = x.shape[0], self.n_samples
-        x = x.repeat(K, 1) if K > 1 else x                      # [K*B, D], sample-major
-        uniforms = model.draw_uniforms(x.shape[0], generator, x.device, x.dtype)
-        q_logits, zs = [], []                 # ancestral sampling as model.sample_q; logits keep grads to phi
-        for l, u in enumerate(uniforms, start=1):
-            q_logits.append(model.q_logits(l, zs[-1] if zs else x))
-            zs.append(threshold(logit_of_uniform(u), q_logits[-1].detach()))
-        deltas = self.deltas(model, x, zs, uniforms)
-        log_p = model.log_p_layers(x, zs)                                           # grads reach theta
-        objective = torch.stack(log_p).sum(0)
-        for logits, z, delta in zip(q_logits, zs, deltas):
-            # F(1) - F(0) = (1 - 2z) * Delta, a constant; d mu carries the gradient
-            objective = objective + bernoulli_entropy(logits) + (torch.sigmoid(logits) * ((1 - 2 * z) * delta)).sum(-1)
-        with torch.no_grad():
-            log_q = sum(bernoulli_log_prob(z, lg) for z, lg in zip(zs, q_logits))
-            elbo = (torch.stack(log_p).sum(0) - log_q).view(K, B).mean(0)
-        # the mean over K*B rows is the mean over the K draws of the batch-mean objective
-        return Estimate(surrogate=-objective.mean(), elbo=elbo.detach())
+    def layer_terms(self, model: SBN, x: Tensor, s: Sample) -> tuple[list[Tensor], None]:
+        """t_l = H(q(. | z_{l-1})) + sum_i mu_{l,i} (F(z_{l,i}=1) - F(z_{l,i}=0)), the differences constant."""
+        deltas = self.deltas(model, x, s.zs, s.uniforms)
+        # F(1) - F(0) = (1 - 2z) * Delta; d mu carries the gradient
+        return [bernoulli_entropy(a) + (torch.sigmoid(a) * ((1 - 2 * z) * delta)).sum(-1)
+                for a, z, delta in zip(s.q_logits, s.zs, deltas)], None

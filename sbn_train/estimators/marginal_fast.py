@@ -20,6 +20,10 @@ re-simulated unit whose logit lies within rounding of its uniform's threshold ca
   * Units are processed in cache-sized chunks with reused scratch buffers (:class:`Workspace`).
   Each fast route checks its own range (exp of the weights, group sizes, number of changed units)
   and falls back to the direct computation when the check fails.
+
+These checks and choices read values back to the host: cheap on a CPU, a stall of the stream on a GPU.
+Tensors off the CPU therefore take the device route (:mod:`.marginal_device`), which reads nothing back;
+:data:`ROUTE` forces either route (the tests run the device route on the CPU).
 """
 from __future__ import annotations
 
@@ -50,6 +54,22 @@ class Workspace:
 
 
 _WORKSPACE = Workspace()
+
+#: which flip pass runs: "auto" (the device route for tensors off the CPU, this module's otherwise), "cpu" or
+#: "device". Read where a pass starts (flip_deltas, _FlipTable), never per chunk.
+ROUTE = "auto"
+_ROUTES = ("auto", "cpu", "device")
+#: default chunk bounds (entries per temporary): cache-sized on a CPU; on a GPU fewer, larger kernels
+CPU_MAX_ELEMENTS = 1 << 21
+DEVICE_MAX_ELEMENTS = 1 << 23
+
+
+def on_device_route(t: Tensor, route: str | None = None) -> bool:
+    """Whether a flip pass over tensors like ``t`` takes the device route (``route`` None: :data:`ROUTE`)."""
+    route = ROUTE if route is None else route
+    if route not in _ROUTES:
+        raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
+    return route == "device" or (route == "auto" and t.device.type != "cpu")
 
 
 # |log| of the largest product of factors that stays a finite, normal number in each dtype
@@ -161,8 +181,11 @@ class _FlipTable:
         F = 1 - s + s e,   e = e^(d_i W[:, i]),   F in [e^-|W|, e^|W|].
     """
 
-    def __init__(self, w: Tensor, z: Tensor):
+    def __init__(self, w: Tensor, z: Tensor, route: str | None = None):
         self.w = w
+        if on_device_route(w, route):   # the range check would read a value back: callers go direct
+            self.usable = False
+            return
         w_abs = w.abs()
         self.usable = _exp_space_ok(float(w_abs.max()) if w.numel() else 0.0, w.dtype)
         if not self.usable:
@@ -321,14 +344,20 @@ def _shift_sum(r: Tensor, s: "_Sample", k: int, changes: _Changes, tmp: Tensor) 
 
 
 @torch.no_grad()
-def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
-                max_elements: int = 1 << 21, workspace: Workspace | None = None) -> list[Tensor]:
+def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor], max_elements: int | None = None,
+                workspace: Workspace | None = None, route: str | None = None) -> list[Tensor]:
     """Same values as :func:`flip_deltas_reference`, at element-wise cost.
 
-    Memory: a few scratch buffers of about ``max_elements`` entries each (8 MB in float32 by
-    default: cache-sized chunks of flipped units), reused from chunk to chunk and step to step.
+    Memory: a few scratch buffers of about ``max_elements`` entries each (None: :data:`CPU_MAX_ELEMENTS`, 8 MB
+    in float32, cache-sized chunks; :data:`DEVICE_MAX_ELEMENTS` on the device route), reused from chunk to
+    chunk and step to step. ``route``: "auto", "cpu" or "device" (None: :data:`ROUTE`).
     """
     ws = workspace or _WORKSPACE
+    if on_device_route(x, route):
+        from .marginal_device import flip_deltas_device   # imports this module
+        bound = DEVICE_MAX_ELEMENTS if max_elements is None else max_elements
+        return flip_deltas_device(model, x, zs, uniforms, bound, ws)
+    max_elements = CPU_MAX_ELEMENTS if max_elements is None else max_elements
     L, B = model.n_layers, x.shape[0]
     if B == 0:
         return [z.new_zeros(z.shape) for z in zs]
@@ -366,7 +395,7 @@ def _table(net, z: Tensor) -> _FlipTable | None:
     """The exp table of a net reading the flipped layer: linear nets only, weights within exp range."""
     if not net.is_linear:
         return None
-    table = _FlipTable(net.first.weight, z)
+    table = _FlipTable(net.first.weight, z, route="cpu")
     return table if table.usable else None
 
 

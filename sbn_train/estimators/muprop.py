@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 
 from ..models import SBN, bernoulli_log_prob
-from .base import Estimate, elbo_of
-from .branches import sample_layers
-from .score_function import ScoreFunction, downstream_signals
+from .branches import Sample, downstream_signals
+from .score_function import ScoreFunction
 
 
 def mean_field_expansion(model: SBN, x: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -54,15 +53,12 @@ class MuProp(ScoreFunction):
         super().__init__(model, moving_average=moving_average, input_dependent=input_dependent,
                          ma_rate=ma_rate, baseline_hidden=baseline_hidden, normalize_variance=False)
 
-    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
-        s = sample_layers(model, x, generator)
+    def layer_terms(self, model: SBN, x: Tensor, s: Sample) -> tuple[list[Tensor], Tensor | None]:
+        """t_l = (centred residual) log q(z_l | z_{l-1}) + g_l . mu_l (the Taylor term's mean)."""
         signals = downstream_signals(s.log_p, s.log_q)
         ms, s_mf, gs = mean_field_expansion(model, x)
         residuals = [sig - sm - (g * (z - m)).sum(-1) for sig, sm, g, z, m in zip(signals, s_mf, gs, s.zs, ms)]
         centred, aux = self.centre(model, residuals, s.parents)
-        score = x.new_zeros(x.shape[0])
-        for c, lq, g, a in zip(centred, s.log_q, gs, s.q_logits):
-            score = score + c.detach() * lq + (g * torch.sigmoid(a)).sum(-1)    # the Taylor term's mean
-        surrogate = -(torch.stack(s.log_p).sum(0) + score).mean()
-        return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, s.zs, s.log_p, s.log_q),
-                        aux_loss=aux if self.input_dependent else None)
+        terms = [c.detach() * lq + (g * torch.sigmoid(a)).sum(-1)
+                 for c, lq, g, a in zip(centred, s.log_q, gs, s.q_logits)]
+        return terms, aux if self.input_dependent else None

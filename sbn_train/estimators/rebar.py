@@ -38,8 +38,7 @@ from torch import Tensor, nn
 
 from ..models import SBN, bernoulli_log_prob
 from .base import Estimate, Estimator, elbo_of
-from .branches import Sample, sample_layers
-from .score_function import downstream_signals
+from .branches import Sample, downstream_signals, sample_layers
 
 
 def conditional_logistic(a: Tensor, u: Tensor, b: Tensor) -> Tensor:
@@ -129,11 +128,11 @@ class REBAR(Estimator):
         linear = sum((gi.detach() * p).sum() for gi, p in zip(g, model.inference_parameters()))
         surrogate = -torch.stack(s.log_p).sum(0).mean() - linear
         metrics = {}
-        if self.training:   # one device-to-host copy for all of them
-            L = model.n_layers
-            values = torch.cat([self.log_temperature.detach().exp(), self.eta.detach()]).tolist()
-            metrics = {f"temperature{l}": v for l, v in enumerate(values[:L], 1)}
-            metrics.update({f"eta{l}": v for l, v in enumerate(values[L:], 1)})
+        if self.training:   # 0-dim tensors on the device, read by the training loop when it logs;
+            # a copy of eta, so they hold this step's values, not those after the optimizer step
+            temperatures, eta = self.log_temperature.detach().exp(), self.eta.detach().clone()
+            metrics = {f"temperature{l}": t for l, t in enumerate(temperatures, 1)}
+            metrics.update({f"eta{l}": e for l, e in enumerate(eta, 1)})
         return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, s.zs, s.log_p, s.log_q), aux_loss=aux,
                         metrics=metrics)
 

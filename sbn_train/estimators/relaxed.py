@@ -1,8 +1,8 @@
 """BIASED estimators that backpropagate through a continuous stand-in for the binary sample.
 
-Both differentiate the ELBO in its analytic-entropy form, F(z) = log p(x, z) + sum_l H(q(. | z_{l-1})),
-evaluated on a differentiable version of z; neither gradient has the ELBO gradient as its mean
-(``unbiased = False``; the test suite asserts that both fail the unbiasedness test).
+Both differentiate the ELBO in its analytic-entropy form, F(z) = log p(x, z) + sum_l H(q(. | z_{l-1}))
+(:meth:`SBN.objective`), evaluated on a differentiable version of z; neither gradient has the ELBO gradient
+as its mean (``unbiased = False``; the test suite asserts that both fail the unbiasedness test).
 
 - ``Gumbel``: the binary Concrete / Gumbel-softmax relaxation (Maddison, Mnih & Teh, "The Concrete
   distribution", ICLR 2017, the binary Concrete; Jang, Gu & Poole, "Categorical reparameterization with
@@ -26,11 +26,6 @@ from ..models import SBN, logit_of_uniform, threshold
 from .base import Estimate, Estimator, elbo_of
 
 
-def entropy_form(model: SBN, x: Tensor, zs: list[Tensor]) -> Tensor:
-    """F(z) = log p(x, z) + sum_l H(q(. | z_{l-1})), ``[B]``, differentiable through ``zs``."""
-    return model.log_joint(x, zs) + torch.stack(model.entropy_layers(x, zs)).sum(0)
-
-
 class Gumbel(Estimator):
     """Binary Concrete relaxation of every layer at a fixed ``temperature`` (biased)."""
 
@@ -48,7 +43,7 @@ class Gumbel(Estimator):
         for l, u in enumerate(uniforms, start=1):
             parent = torch.sigmoid((model.q_logits(l, parent) - logit_of_uniform(u)) / self.temperature)
             relaxed.append(parent)                                       # [B, H_l] in (0, 1)
-        surrogate = -entropy_form(model, x, relaxed).mean()
+        surrogate = -model.objective(x, relaxed).mean()
         return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, model.sample_q(x, uniforms)))
 
 
@@ -65,5 +60,5 @@ class StraightThrough(Estimator):
             mu = torch.sigmoid(a)
             parent = threshold(logit_of_uniform(u), a.detach()) + (mu - mu.detach())   # value: the sample
             zs.append(parent)
-        surrogate = -entropy_form(model, x, zs).mean()
+        surrogate = -model.objective(x, zs).mean()
         return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, [z.detach() for z in zs]))

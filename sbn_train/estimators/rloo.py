@@ -13,16 +13,14 @@ gradient of log p(x, z^k). Uses K samples; the reported ELBO is the mean over th
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..models import SBN
-from .base import Estimate, Estimator, elbo_of
-from .branches import sample_layers
-from .score_function import downstream_signals
+from .branches import Sample, downstream_signals
+from .layerwise import SignalEstimator
 
 
-class RLOO(Estimator):
+class RLOO(SignalEstimator):
     """Leave-one-out baseline per layer over ``n_samples`` (K >= 2) samples per example."""
 
     def __init__(self, model: SBN | None = None, n_samples: int = 2):
@@ -30,16 +28,13 @@ class RLOO(Estimator):
         if n_samples < 2:
             raise ValueError(f"n_samples must be >= 2 for a leave-one-out baseline, got {n_samples}")
         self.n_samples = int(n_samples)
+        self.q_samples = self.n_samples
 
-    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
-        K, B = self.n_samples, x.shape[0]
-        xr = x.repeat(K, 1)                                              # [K*B, D], sample-major
-        s = sample_layers(model, xr, generator)
-        score = xr.new_zeros(K * B)
-        for sig, lq in zip(downstream_signals(s.log_p, s.log_q), s.log_q):
-            sig = sig.view(K, B)
-            baseline = (sig.sum(0, keepdim=True) - sig) / (K - 1)       # [K, B]
-            score = score + (sig - baseline).reshape(-1) * lq
-        surrogate = -(torch.stack(s.log_p).sum(0) + score).mean()        # mean over K*B = mean over k of batch means
-        elbo = elbo_of(model, xr, s.zs, s.log_p, s.log_q).view(K, B).mean(0)
-        return Estimate(surrogate=surrogate, elbo=elbo)
+    def learning_signals(self, model: SBN, x: Tensor, s: Sample) -> tuple[list[Tensor], None]:
+        K = self.n_samples
+        out = []
+        for sig in downstream_signals(s.log_p, s.log_q):
+            sig = sig.view(K, -1)                                         # [K, B]
+            baseline = (sig.sum(0, keepdim=True) - sig) / (K - 1)        # mean of the other samples' signals
+            out.append((sig - baseline).reshape(-1))
+        return out, None

@@ -2,7 +2,7 @@
 
 For layer l the learning signal holds only the terms downstream of it,
 
-    s_l = log p(z_L) + sum_{k >= l} [ log p(z_{k-1} | z_k) - log q(z_k | z_{k-1}) ],
+    s_l = log p(z_L) + sum_{k >= l} [ log p(z_{k-1} | z_k) - log q(z_k | z_{k-1}) ]     (``downstream_signals``),
 
 and the inference-net gradient is sum_l (s_l - b_l) * grad log q(z_l | z_{l-1}) (Williams 1992;
 upstream terms have zero covariance with the layer's score). Generative parameters get the pathwise
@@ -20,21 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from ..models import SBN
-from .base import Estimate, Estimator, elbo_of
+from .branches import Sample, downstream_signals
+from .layerwise import SignalEstimator
+
+__all__ = ["ScoreFunction", "downstream_signals"]
 
 
-def downstream_signals(log_p: list[Tensor], log_q: list[Tensor]) -> list[Tensor]:
-    """Detached [s_1, ..., s_L] from log_p = [log p(z_0|z_1), ..., log p(z_{L-1}|z_L), log p(z_L)]
-    and log_q = [log q(z_1|x), ..., log q(z_L|z_{L-1})]."""
-    L = len(log_q)
-    signals, acc = [None] * L, log_p[L].detach()
-    for l in range(L - 1, -1, -1):
-        acc = acc + (log_p[l] - log_q[l]).detach()
-        signals[l] = acc
-    return signals
-
-
-class ScoreFunction(Estimator):
+class ScoreFunction(SignalEstimator):
     """LR with optional moving-average (``moving_average``) and input-dependent (``input_dependent``)
     baselines. ``reinforce`` = neither, ``reinforce_ma`` = LR+C, ``nvil`` = LR+C+IDB."""
 
@@ -85,12 +77,6 @@ class ScoreFunction(Estimator):
                 self.ma_var.copy_(new_var)
         return out, aux
 
-    def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
-        zs = model.sample_q(x, model.draw_uniforms(x.shape[0], generator, x.device, x.dtype))
-        log_p = model.log_p_layers(x, zs)     # grads reach the generative net
-        log_q = model.log_q_layers(x, zs)     # grads reach the inference net
-        centred, aux = self.centre(model, downstream_signals(log_p, log_q), [x] + zs[:-1])
-        score_term = sum(c * lq for c, lq in zip(centred, log_q))
-        surrogate = -(torch.stack(log_p).sum(0) + score_term).mean()
-        return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, zs, log_p, log_q),
-                        aux_loss=aux if self.input_dependent else None)
+    def learning_signals(self, model: SBN, x: Tensor, s: Sample) -> tuple[list[Tensor], Tensor | None]:
+        centred, aux = self.centre(model, downstream_signals(s.log_p, s.log_q), s.parents)
+        return centred, aux if self.input_dependent else None

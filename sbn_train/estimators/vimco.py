@@ -50,7 +50,7 @@ class VIMCO(Estimator):
         super().__init__(model)
         if n_samples < 2:
             raise ValueError(f"n_samples must be >= 2 for VIMCO's leave-one-out baseline, got {n_samples}")
-        self.n_samples = int(n_samples)
+        self.n_samples = self.q_samples = int(n_samples)
 
     def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
         K, B = self.n_samples, x.shape[0]
@@ -64,4 +64,4 @@ class VIMCO(Estimator):
             weights = torch.softmax(log_w, 0)                              # w~_k
         objective = (signal * log_q + weights * (log_p - log_q)).sum(0)   # [B]
         return Estimate(surrogate=-objective.mean(), elbo=log_w.mean(0),
-                        metrics={f"iwae{K}": float(bound.mean())})
+                        metrics={f"iwae{K}": bound.mean()})
