@@ -150,11 +150,19 @@ def prepare_folder(out_dir: Path, cfg: TrainConfig) -> Path | None:
             return ckpt
         log.warning("train.resume=true but %s has no checkpoint: starting from step 0", out_dir)
     elif old and not cfg.overwrite:
-        raise RunError(f"{out_dir} already holds a run. Continue it with train.resume=true, "
+        raise RunError(f"{out_dir} already holds a run{_saved_step(ckpt)}. Continue it with train.resume=true, "
                        f"discard it with train.overwrite=true, or set hydra.run.dir=<another folder>")
     for p in set(old) | set(out_dir.glob("*.pt")):
         p.unlink(missing_ok=True)
     return None
+
+
+def _saved_step(ckpt: Path) -> str:
+    """`` (saved at step N)`` for a readable checkpoint, else ``""``."""
+    try:
+        return f" (saved at step {int(torch.load(ckpt, map_location='cpu', weights_only=True)['step'])})"
+    except Exception:  # noqa: BLE001 - only decorates a message
+        return ""
 
 
 def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
