@@ -340,6 +340,7 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
                 with stop.interruptible():
                     metrics.update(_test_best_model(ctx, splits, settings.test))
             except Interrupted:
+                stop.chain()                  # e.g. a scheduler's requeue handler
                 raise Stopped(stop.signum, state.step) from None
         with stop.shielded():
             _write_results(out_dir, {"step": state.step, "status": "finished", "metrics": metrics,
