@@ -16,94 +16,38 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from .config import Config, ConfigError, register_configs, validate  # noqa: E402
+from . import launch  # noqa: E402
+from .config import Config, register_configs, validate  # noqa: E402
+from .launcher import MAIN_PID_ENV  # noqa: E402
 from .paths import config_dir  # noqa: E402
+from .run_names import NAME_EXCLUDE, SWEPT_ENV, run_name, swept_keys  # noqa: E402,F401  (re-exported)
 
 log = logging.getLogger("sbn_train")
 
 
-#: overrides that do not change what a run computes, left out of its folder name
-NAME_EXCLUDE = ("train.resume", "train.overwrite", "train.progress", "device")
-_SWEEP_FUNCTIONS = ("range(", "choice(", "glob(", "interval(", "tag(", "sort(", "shuffle(")
-
-
-def _is_sweep(value: str) -> bool:
-    """True for Hydra sweep syntax: a top-level comma (``a,b``) or a sweep function (``range(1,3)``)."""
-    if value.startswith(_SWEEP_FUNCTIONS):
-        return True
-    depth, quote = 0, None
-    for ch in value:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[({":
-            depth += 1
-        elif ch in "])}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            return True
-    return False
-
-
-def swept_keys(argv: list[str]) -> set[str]:
-    keys = set()
-    for arg in argv:
-        if "=" in arg and not arg.startswith("-"):
-            key, value = arg.split("=", 1)
-            if _is_sweep(value):
-                keys.add(key.lstrip("+~"))
-    return keys
-
-
-def run_name(task_overrides, _root_=None) -> str:
-    """Folder (and TensorBoard run) name: the run's overrides, e.g. ``estimator=marginal,optim.lr=0.001``.
-
-    In a sweep only the swept keys name the run: those swept on this process's command line and those of
-    ``hydra.sweeper.params`` (e.g. set by an ``experiment=`` file); a run with no overrides is ``default``.
-    The same command always maps to the same folder (see train.resume).
-    """
-    items = [str(o) for o in task_overrides]
-    pairs = [(o.split("=", 1)[0].lstrip("+~"), o) for o in items if "=" in o]
-    pairs = [(k, o) for k, o in pairs if k not in NAME_EXCLUDE]
-    swept: set[str] = set()
-    if _root_ is not None:
-        multirun = str(OmegaConf.select(_root_, "hydra.mode", default=None)) == "RunMode.MULTIRUN"
-    else:
-        multirun = SWEPT_ENV in os.environ
-    if multirun:
-        swept = {k for k in os.environ.get(SWEPT_ENV, "").split(",") if k} | _config_swept_keys(_root_)
-    if swept:
-        pairs = [(k, o) for k, o in pairs if k in swept] or pairs
-    name = ",".join(o.lstrip("+~") for _, o in sorted(pairs)).replace("/", "_")
-    return name or "default"
-
-
-def _config_swept_keys(root) -> set[str]:
-    params = OmegaConf.select(root, "hydra.sweeper.params", default=None) if root is not None else None
-    return {str(k).lstrip("+~") for k in params} if params else set()
-
-
-#: the keys swept on the command line of the process that started a multirun, for the run names of its jobs
-#: (set here, in that process; launchers that run jobs in other processes, e.g. joblib, inherit it)
-SWEPT_ENV = "SBN_TRAIN_SWEPT_KEYS"
-if Path(sys.argv[0]).name in ("sbn-train", "cli.py") and ("-m" in sys.argv or "--multirun" in sys.argv):
-    os.environ[SWEPT_ENV] = ",".join(sorted(swept_keys(sys.argv[1:])))
+# In the process the user started (not in a sweep's worker processes, which inherit these variables): its
+# pid, and the keys swept on its command line, which name the runs of a multirun.
+if Path(sys.argv[0]).name in ("sbn-train", "cli.py"):
+    if os.environ.get(MAIN_PID_ENV) != str(os.getppid()):   # a loky worker runs this with its sweep's argv
+        os.environ[MAIN_PID_ENV] = str(os.getpid())
+    if "-m" in sys.argv or "--multirun" in sys.argv:
+        os.environ[SWEPT_ENV] = ",".join(sorted(swept_keys(sys.argv[1:])))
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("sbn_groups", lambda: launch.group_options(), replace=True)
 register_configs()
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} requested but CUDA is not available; use device=cpu or device=auto")
+    launch.check_device(name)
     return torch.device(name)
 
 
 def main_task(cfg: DictConfig) -> dict:
-    from .data import load_dataset
+    from .launcher import setup_job
+    setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
     from .estimators import estimator_from_config
     from .models import SBN
     from .train import RunSettings, run
@@ -114,7 +58,7 @@ def main_task(cfg: DictConfig) -> dict:
     choices = HydraConfig.get().runtime.choices
     out_dir = HydraConfig.get().runtime.output_dir
     torch.manual_seed(typed.seed)
-    splits = load_dataset(**OmegaConf.to_container(cfg.dataset, resolve=True))
+    splits = load_data(OmegaConf.to_container(cfg.dataset, resolve=True))
     train = splits.train.to(device)
     splits.train, splits.valid, splits.test = train, splits.valid.to(device), splits.test.to(device)
     model = SBN(train.shape[1], typed.model.latent_sizes, typed.model.n_hidden, x_mean=train.mean(0)).to(device)
@@ -135,14 +79,61 @@ def main_task(cfg: DictConfig) -> dict:
     return result.metrics
 
 
+def load_data(options: dict):
+    """The dataset's splits; a data folder that cannot be created or written (read-only, a file in the
+    way) is a one-line :class:`DataError` naming ``dataset.data_dir`` and the path that failed."""
+    from .data import DataError, load_dataset
+    try:
+        return load_dataset(**options)
+    except OSError as e:
+        where = e.filename or options.get("data_dir")
+        raise DataError(f"cannot use the data folder (dataset.data_dir={options.get('data_dir')}): "
+                        f"{where}: {e.strerror or e}") from None
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-    from .train import RunError
-    return (ConfigError, DataError, RunError, ValueError)
+    return launch.expected_errors()
+
+
+def main() -> None:
+    """The ``sbn-train`` command: Hydra's app (:func:`hydra_main`) with one-line errors (``sbn-train:
+    error: ...``, exit 2) for bad input, and for a multirun a summary of its jobs at the end (exit 1 if
+    any failed). ``HYDRA_FULL_ERROR=1`` set by the user shows Hydra's own reports and tracebacks instead."""
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"          # Hydra re-raises errors; they are reported here
+    code: int | str | None = 0
+    error: BaseException | None = None
+    try:
+        hydra_main()
+    except launch.Refused as e:                   # a check before the run: nothing was written
+        error, code = e.error, 2
+    except SystemExit as e:
+        code = e.code
+    except Exception as e:
+        if user_full_error or not isinstance(e, _expected_errors()):
+            _sweep_summary()                      # then the traceback
+            raise
+        error, code = e, 2
+    outcomes = _sweep_summary()
+    if error is not None and not any(o.status == "failed" for o in outcomes):
+        print(f"sbn-train: error: {launch.one_line(error)}", file=sys.stderr)   # not a job's error
+    elif any(o.status != "finished" for o in outcomes) and code in (0, None, 2):
+        code = 1                                  # jobs failed (each one's error is in the summary)
+    sys.exit(code)
+
+
+def _sweep_summary() -> list:
+    """How each job of this process's sweep ended, printed (nothing without a sweep, or before any job)."""
+    if not launch.SWEEP:
+        return []
+    outcomes = launch.sweep_outcomes(launch.SWEEP["dir"], launch.SWEEP["start"])
+    if outcomes:
+        print(launch.sweep_summary(outcomes, launch.SWEEP["dir"]), file=sys.stderr)
+    return outcomes
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     """Returns the run's best validation bound (the objective of the lr_search sweeper)."""
     from .train import Stopped
     try:

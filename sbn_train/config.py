@@ -2,8 +2,11 @@
 (a typo such as ``train.batchsize=10`` fails at compose time); ``validate`` checks values."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -97,8 +100,25 @@ class Config:
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is None or (value < 0 if allow_zero else value <= 0):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+    bad = value is None or (value < 0 if allow_zero else value <= 0)
+    if bad or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else 'positive'}"
+                          f"{' and finite' if isinstance(value, float) else ''}, got {value}")
+
+
+def _unit_interval(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+
+def _finite_floats(node: Any, prefix: str = "") -> None:
+    """Every float of the typed config must be finite (a NaN passes every ``<`` check silently)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name} must be finite, got {value}")
 
 
 def validate(cfg: Config) -> None:
@@ -111,6 +131,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.name must be 'rmsprop' or 'adam', got {cfg.optim.name!r}")
     _positive("optim.lr", cfg.optim.lr)
     _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive("optim.eps", cfg.optim.eps)
+    for key in ("alpha", "beta1", "beta2"):
+        _unit_interval(f"optim.{key}", getattr(cfg.optim, key))
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.max_steps", cfg.train.max_steps)
     _positive("train.eval_every", cfg.train.eval_every)
@@ -145,12 +168,51 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.resume and train.overwrite exclude each other; pick one")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    _finite_floats(cfg)
+
+
+def unknown_keys(values: Mapping, schema: type = Config, prefix: str = "") -> list[str]:
+    """The dotted keys of a composed config (as a plain mapping, without ``hydra``) that ``schema`` lacks,
+    e.g. ``train.max_step`` added with ``+train.max_step=10``. ``dataset`` and ``estimator`` (typed ``Any``
+    here) are left to their own schemas and option checks."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key, value in values.items():
+        f = fields.get(key)
+        if f is None:
+            out.append(f"{prefix}{key}")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            out += unknown_keys(value, type(default), f"{prefix}{key}.")
+    return out
+
+
+def check_keys(values: Mapping) -> None:
+    """:class:`ConfigError` naming the first key the schema lacks, with the closest key it has."""
+    bad = unknown_keys(values)
+    if not bad:
+        return
+    key = bad[0]
+    section, _, name = key.rpartition(".")
+    schema: Any = Config
+    for part in filter(None, section.split(".")):
+        schema = type(getattr(schema(), part))
+    known = [f.name for f in dataclasses.fields(schema)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
+    raise ConfigError(f"{key} is not a config key{hint} ({section or 'the top level'} has: {', '.join(known)})")
+
+
+#: where the schemas of the group files are stored: a group of their own, so that they are never offered as
+#: options of ``model=`` or ``optim=`` (each file lists ``/schema/<group>/base@_here_`` in its defaults)
+SCHEMA_GROUP = "schema"
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="optim", name="base_optim", node=OptimConfig)
+    cs.store(group=f"{SCHEMA_GROUP}/model", name="base", node=ModelConfig)
+    cs.store(group=f"{SCHEMA_GROUP}/optim", name="base", node=OptimConfig)
     from .data.config import register_dataset_configs  # here: keeps torch out of this import
     register_dataset_configs()

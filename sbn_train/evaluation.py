@@ -12,11 +12,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import VARIANCE_VIEWS
+from .config import VARIANCE_VIEWS, VarianceConfig
 from .data import binarize, eval_batches
 from .diagnostics import exact_gradient_by_parameter, gradient_moments
+from .metrics import log10_tag
 from .estimators import Estimator
 from .models import SBN
+from .progress import SILENT, Progress
 
 #: added to an evaluation seed for the latent-sampling stream, so it differs from the binarization stream
 SAMPLING_OFFSET = 0x9E3779B9
@@ -35,24 +37,28 @@ def elbo_average(model: SBN, x: Tensor, samples: int, generator: torch.Generator
     done = 0
     while done < samples:
         c = min(per_chunk, samples - done)
-        total += model.elbo(x.repeat(c, 1), generator).view(c, B).double().sum(0)   # [c*B] -> [B]
+        total += model.log_weights(x, c, generator).double().sum(0)   # [c, B] -> [B]
         done += c
     return total / samples
 
 
 @torch.no_grad()
 def split_bounds(model: SBN, data: Tensor, batch_size: int, limit: int | None, seed: int, elbo_samples: int,
-                 iwae_k: int, max_rows: int) -> tuple[Tensor, Tensor | None]:
+                 iwae_k: int, max_rows: int, progress: Progress | None = None) -> tuple[Tensor, Tensor | None]:
     """Per-example ELBO (averaged over ``elbo_samples``) and K-sample bound (None if ``iwae_k`` is 0) over the
-    first ``limit`` rows of ``data``, binarized with ``seed`` and sampled with a stream derived from it."""
+    first ``limit`` rows of ``data``, binarized with ``seed`` and sampled with a stream derived from it.
+    ``progress`` (e.g. ``Progress("evaluating valid", enabled=True)``) reports the rows as they are done."""
     # not ``seed`` itself: the latent uniforms would repeat the binarization uniforms
     gen = torch.Generator(device=data.device).manual_seed(seed + SAMPLING_OFFSET)
+    rows = data.shape[0] if limit is None else min(limit, data.shape[0])
     elbos, iwaes = [], []
-    for x in eval_batches(data, batch_size, seed, limit):
-        x = x.to(model.prior_logits.dtype)
-        elbos.append(elbo_average(model, x, elbo_samples, gen, max_rows))
-        if iwae_k:
-            iwaes.append(model.iwae_bound(x, iwae_k, gen, max_rows=max_rows).double())
+    with (progress or SILENT).track(rows) as done:
+        for x in eval_batches(data, batch_size, seed, limit):
+            x = x.to(model.prior_logits.dtype)
+            elbos.append(elbo_average(model, x, elbo_samples, gen, max_rows))
+            if iwae_k:
+                iwaes.append(model.iwae_bound(x, iwae_k, gen, max_rows=max_rows).double())
+            done(x.shape[0])
     return torch.cat(elbos), (torch.cat(iwaes) if iwae_k else None)
 
 
@@ -92,6 +98,21 @@ def fixed_minibatch(data: Tensor, batch_size: int, seed: int) -> Tensor:
     return next(fresh_minibatches(data, batch_size, 1, gen))
 
 
+def logged_views(model: SBN, cfg: VarianceConfig) -> list[str]:
+    """The variance views a run of ``model`` logs: none without the probe, no ``exact`` for a model with
+    more than ``cfg.exact_max_latents`` latent units (the argument ``views`` of the custom-scalars layout)."""
+    if not cfg.every:
+        return []
+    return [v for v in cfg.views if v != "exact" or sum(model.latent_sizes) <= cfg.exact_max_latents]
+
+
+def with_log10(values: dict[str, float]) -> dict[str, float]:
+    """``values`` and the log10 of each positive finite one (``grad_var/inference`` -> ``grad_var_log10/...``);
+    a zero variance (a deterministic estimator) has no log10 and gets none."""
+    logs = {log10_tag(k): math.log10(v) for k, v in values.items() if math.isfinite(v) and v > 0}
+    return {**values, **logs}
+
+
 def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size: int, samples: int, seed: int,
                      views: Sequence[str] = VARIANCE_VIEWS, exact_max_latents: int = 12,
                      fixed_seed: int = 0) -> dict[str, float]:
@@ -103,6 +124,8 @@ def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size:
       ``fixed_seed``, the same at every probe); ``grad_var_latent/...``: the latent noise alone.
     - ``exact``: on that minibatch and those draws, against the exact gradient by enumeration (only for models
       with at most ``exact_max_latents`` latent units); ``grad_bias/...`` (squared bias) and ``grad_mse/...``.
+
+    Each positive value also comes as its log10 (``grad_var_log10/...``, ``grad_bias_log10/...``: the charts).
 
     The estimator runs in eval mode (its state and parameters are frozen) with generators seeded from ``seed``.
     """
@@ -127,4 +150,4 @@ def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size:
             if exact:
                 out[f"grad_bias/{group}"] = v["bias"]
                 out[f"grad_mse/{group}"] = v["mse"]
-    return out
+    return with_log10(out)

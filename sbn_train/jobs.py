@@ -19,6 +19,7 @@ from .config import EvalConfig, VarianceConfig
 from .data import Splits, eval_batches
 from .evaluation import measure_variance, split_bounds, summarize
 from .models import SBN
+from .progress import Progress
 from .state import RunError, TrainState
 
 log = logging.getLogger(__name__)
@@ -161,10 +162,12 @@ def initial_elbo(model: SBN, valid: torch.Tensor, seed: int, rows: int = 100) ->
     return float(elbo.mean())
 
 
-def evaluate(model: SBN, data: torch.Tensor, cfg: EvalConfig, prefix: str) -> dict[str, float]:
+def evaluate(model: SBN, data: torch.Tensor, cfg: EvalConfig, prefix: str, show: bool = False) -> dict[str, float]:
     """Single-sample ELBO and (if ``cfg.iwae_k``) the K-sample bound, averaged over the first ``cfg.limit``
-    rows of ``data``: ``{prefix}/elbo`` and ``{prefix}/iwae{K}``."""
-    elbo, iwae = split_bounds(model, data, cfg.batch_size, cfg.limit, cfg.seed, 1, cfg.iwae_k, cfg.max_rows)
+    rows of ``data``: ``{prefix}/elbo`` and ``{prefix}/iwae{K}``. A line at its start and end, and a
+    progress bar of the rows if ``show``."""
+    elbo, iwae = split_bounds(model, data, cfg.batch_size, cfg.limit, cfg.seed, 1, cfg.iwae_k, cfg.max_rows,
+                              progress=Progress(f"evaluating {prefix}", enabled=show))
     return summarize(prefix, elbo, iwae, cfg.iwae_k)
 
 
@@ -173,13 +176,14 @@ class EvaluateAndCheckpoint(Job):
     checkpoint of the whole :class:`TrainState`."""
     at_end = True
 
-    def __init__(self, every: int, cfg: EvalConfig, splits: Splits):
-        self.every, self.cfg, self.splits = every, cfg, splits
+    def __init__(self, every: int, cfg: EvalConfig, splits: Splits, show: bool = False):
+        self.every, self.cfg, self.splits, self.show = every, cfg, splits, show
 
     def bounds(self, model: SBN) -> dict[str, float]:
-        out = evaluate(model, self.splits.valid, self.cfg, "valid")
+        out = evaluate(model, self.splits.valid, self.cfg, "valid", self.show)
         if self.cfg.train_split:
-            ev = evaluate(model, self.splits.train, replace(self.cfg, limit=self.cfg.train_limit), "train")
+            ev = evaluate(model, self.splits.train, replace(self.cfg, limit=self.cfg.train_limit), "train",
+                          self.show)
             out["train/elbo_eval"] = ev.pop("train/elbo")   # train/elbo is the running training-batch ELBO
             out.update(ev)
         return out

@@ -22,6 +22,8 @@ from typing import Iterable
 
 COMPARED = "sbn-train: estimators compared"
 PER_LAYER = "sbn-train: per layer"
+LINEAR = "sbn-train: gradient variance, linear scale"
+LOG10 = "_log10"            # grad_var/inference -> grad_var_log10/inference: log10 of a probe value
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Metric:
     hparam: bool = False                     # shown as a metric column in TensorBoard's HParams tab
     chart: tuple[str, str] | None = None     # (category, title) of its chart in the custom-scalars layout
     scalar: bool = True                      # written to TensorBoard (False: results.json only)
+    requires: str | None = None              # logged only by a run with this: a variance view, or "iwae"
 
     @cached_property
     def regex(self) -> str:
@@ -44,41 +47,67 @@ class Metric:
     def matches(self, tag: str) -> bool:
         return re.match(self.regex, tag) is not None
 
+    def layer_regex(self, layer: int) -> str:
+        """The regex of the family's tag of one inference layer, e.g. ``^grad_var_log10/layer2$``."""
+        return self.regex.replace(r"\d+", str(layer), 1) if "{l}" in self.pattern else self.regex
+
 
 _VAR = "the unbiased variance over M estimates of every gradient element, averaged over elements"
+_LOG = "log10 of "
 METRICS: tuple[Metric, ...] = (
-    # the charts of the custom-scalars layout appear in this order
-    Metric("grad_var/inference", "variance", f"paper's protocol (M fresh training minibatches): {_VAR}, "
-           "inference net", hparam=True, chart=(COMPARED, "gradient variance, inference net (paper's protocol)")),
-    Metric("grad_var_latent/inference", "variance", f"one fixed minibatch, M draws of the estimator's noise: "
-           f"{_VAR}, inference net", chart=(COMPARED, "gradient variance, inference net (latent noise only)")),
-    Metric("grad_var/generative", "variance", "as grad_var/inference, generative net",
-           chart=(COMPARED, "gradient variance, generative net")),
+    # the charts of the custom-scalars layout appear in this order; variance and bias are charted as log10
+    # (they differ by orders of magnitude between estimators), the linear values in a category of their own
+    Metric("grad_var_log10/inference", "variance", _LOG + "grad_var/inference", requires="minibatch",
+           chart=(COMPARED, "log10 gradient variance, inference net (paper's protocol: fresh minibatches)")),
+    Metric("grad_var_latent_log10/inference", "variance", _LOG + "grad_var_latent/inference", requires="latent",
+           chart=(COMPARED, "log10 gradient variance, inference net (one fixed minibatch: latent noise only)")),
     Metric("valid/elbo", "eval", "ELBO on (the first eval.limit rows of) the validation split, fixed-seed "
            "binarization and sampling", hparam=True, chart=(COMPARED, "validation ELBO")),
     Metric("valid/iwae{K}", "eval", "K-sample importance-weighted bound on the same rows; the best value "
-           "picks best.pt (valid/elbo if eval.iwae_k=0)", hparam=True,
+           "picks best.pt (valid/elbo if eval.iwae_k=0)", hparam=True, requires="iwae",
            chart=(COMPARED, "validation importance-weighted bound")),
     Metric("train/elbo", "log", "mean single-sample ELBO of the training batches since the last log",
            hparam=True, chart=(COMPARED, "training ELBO (running)")),
-    Metric("grad_bias/inference", "variance", "squared bias against the exact gradient, mean over "
-           "inference-net elements (models with at most variance.exact_max_latents latent units)",
-           chart=(COMPARED, "squared bias vs exact gradient, inference net")),
+    Metric("grad_var_log10/generative", "variance", _LOG + "grad_var/generative", requires="minibatch",
+           chart=(COMPARED, "log10 gradient variance, generative net (paper's protocol)")),
+    Metric("grad_bias_log10/inference", "variance", _LOG + "grad_bias/inference", requires="exact",
+           chart=(COMPARED, "log10 squared bias vs the exact gradient, inference net")),
     Metric("perf/steps_per_s", "log", "training steps per second since the last log (measurements excluded)",
            chart=(COMPARED, "steps per second")),
-    Metric("grad_var/layer{l}", "variance", "as grad_var/inference, over inference layer l's parameters",
-           chart=(PER_LAYER, "gradient variance per inference layer (paper's protocol)")),
-    Metric("grad_var_latent/layer{l}", "variance", "as grad_var_latent/inference, inference layer l",
-           chart=(PER_LAYER, "gradient variance per inference layer (latent noise only)")),
+    Metric("grad_var_log10/layer{l}", "variance", _LOG + "grad_var/layer{l}", requires="minibatch",
+           chart=(PER_LAYER, "log10 gradient variance, inference layer {l} (paper's protocol)")),
+    Metric("grad_var_latent_log10/layer{l}", "variance", _LOG + "grad_var_latent/layer{l}", requires="latent",
+           chart=(PER_LAYER, "log10 gradient variance, inference layer {l} (latent noise only)")),
+    Metric("grad_var/inference", "variance", f"paper's protocol (M fresh training minibatches): {_VAR}, "
+           "inference net", hparam=True, requires="minibatch",
+           chart=(LINEAR, "gradient variance, inference net (paper's protocol)")),
+    Metric("grad_var_latent/inference", "variance", f"one fixed minibatch, M draws of the estimator's noise: "
+           f"{_VAR}, inference net", requires="latent",
+           chart=(LINEAR, "gradient variance, inference net (latent noise only)")),
+    Metric("grad_var/generative", "variance", "as grad_var/inference, generative net", requires="minibatch",
+           chart=(LINEAR, "gradient variance, generative net")),
     # no chart of their own
-    Metric("grad_var_latent/generative", "variance", "as grad_var_latent/inference, generative net"),
-    Metric("grad_bias/layer{l}", "variance", "as grad_bias/inference, inference layer l"),
-    Metric("grad_bias/generative", "variance", "as grad_bias/inference, generative net"),
-    Metric("grad_mse/inference", "variance", "mean squared error against the exact gradient, inference net"),
-    Metric("grad_mse/layer{l}", "variance", "as grad_mse/inference, inference layer l"),
-    Metric("grad_mse/generative", "variance", "as grad_mse/inference, generative net"),
+    Metric("grad_var/layer{l}", "variance", "as grad_var/inference, over inference layer l's parameters",
+           requires="minibatch"),
+    Metric("grad_var_latent/layer{l}", "variance", "as grad_var_latent/inference, inference layer l",
+           requires="latent"),
+    Metric("grad_var_latent/generative", "variance", "as grad_var_latent/inference, generative net",
+           requires="latent"),
+    Metric("grad_bias/inference", "variance", "squared bias against the exact gradient, mean over "
+           "inference-net elements (models with at most variance.exact_max_latents latent units)",
+           requires="exact"),
+    Metric("grad_bias/layer{l}", "variance", "as grad_bias/inference, inference layer l", requires="exact"),
+    Metric("grad_bias/generative", "variance", "as grad_bias/inference, generative net", requires="exact"),
+    Metric("grad_mse/inference", "variance", "mean squared error against the exact gradient, inference net",
+           requires="exact"),
+    Metric("grad_mse/layer{l}", "variance", "as grad_mse/inference, inference layer l", requires="exact"),
+    Metric("grad_mse/generative", "variance", "as grad_mse/inference, generative net", requires="exact"),
+    Metric("grad_var_log10/{name}", "variance", _LOG + "grad_var/{name}", requires="minibatch"),
+    Metric("grad_var_latent_log10/{name}", "variance", _LOG + "grad_var_latent/{name}", requires="latent"),
+    Metric("grad_bias_log10/{name}", "variance", _LOG + "grad_bias/{name}", requires="exact"),
+    Metric("grad_mse_log10/{name}", "variance", _LOG + "grad_mse/{name}", requires="exact"),
     Metric("train/elbo_eval", "eval", "ELBO on the first eval.train_limit training rows", hparam=True),
-    Metric("train/iwae{K}", "eval", "K-sample bound on the same rows", hparam=True),
+    Metric("train/iwae{K}", "eval", "K-sample bound on the same rows", hparam=True, requires="iwae"),
     Metric("test/elbo", "test", "the best model on the test split: ELBO averaged over test.elbo_samples samples",
            hparam=True),
     Metric("test/iwae{K}", "test", "the best model's bound with K = test.iwae_k on the test split", hparam=True),
@@ -99,21 +128,51 @@ def lookup(tag: str) -> Metric | None:
     return next((m for m in METRICS if m.matches(tag)), None)
 
 
+#: HParams metric columns shown first (TensorBoard shows five at first), then the others in registry order
+HPARAM_FIRST = ("test/iwae{K}", "test/elbo", "valid/iwae{K}", "valid/elbo", "grad_var/inference")
+
+
 def hparam_tags(tags: Iterable[str]) -> list[str]:
-    """The tags among ``tags`` that are HParams metrics, in the given order."""
+    """The tags among ``tags`` that are HParams metrics: those of :data:`HPARAM_FIRST` first, then the
+    others in registry order."""
+    order = {m.pattern: i for i, m in enumerate(METRICS)}
+    rank = {p: i - len(HPARAM_FIRST) for i, p in enumerate(HPARAM_FIRST)}
     out = []
     for tag in tags:
         m = lookup(tag)
         if m is not None and m.hparam:
-            out.append(tag)
-    return out
+            out.append((rank.get(m.pattern, order[m.pattern]), tag))
+    return [tag for _, tag in sorted(out)]
 
 
-def custom_scalars_layout() -> dict[str, dict[str, list]]:
-    """The custom-scalars layout: one multiline chart per charted tag family, every run one line in it."""
+def log10_tag(tag: str) -> str:
+    """The tag of a probe value's log10: ``grad_var/layer1`` -> ``grad_var_log10/layer1``."""
+    family, _, rest = tag.partition("/")
+    return f"{family}{LOG10}/{rest}"
+
+
+ALL_VIEWS = ("minibatch", "latent", "exact")
+
+
+def custom_scalars_layout(n_layers: int | None = None, views: Iterable[str] = ALL_VIEWS,
+                          iwae: bool = True) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout: one multiline chart per charted tag family, every run one line in it.
+
+    Only charts that the run will fill: ``views`` are the variance views it logs (``[]`` without the probe;
+    no ``exact`` for a model above ``variance.exact_max_latents``), ``iwae`` whether it logs ``*/iwae{K}``.
+    ``n_layers`` (the model's latent layers) gives one per-layer chart per layer, none for a one-layer model
+    (its layer 1 is the inference net); None: one chart holding every layer. TensorBoard merges the layouts
+    of the runs in a folder, so a sweep over models shows every chart some run fills.
+    """
+    have = set(views) | ({"iwae"} if iwae else set())
     layout: dict[str, dict[str, list]] = {}
     for m in METRICS:
-        if m.chart is not None:
-            category, title = m.chart
-            layout.setdefault(category, {})[title] = ["Multiline", [m.regex]]
+        if m.chart is None or (m.requires is not None and m.requires not in have):
+            continue
+        category, title = m.chart
+        if "{l}" not in m.pattern or n_layers is None:
+            layout.setdefault(category, {})[title.replace(" {l}", "s")] = ["Multiline", [m.regex]]
+        elif n_layers > 1:
+            for layer in range(1, n_layers + 1):
+                layout.setdefault(category, {})[title.replace("{l}", str(layer))] = ["Multiline", [m.layer_regex(layer)]]
     return layout

@@ -21,7 +21,11 @@ import torch
 from torch import Tensor, nn
 
 #: sample rows per block of ``SBN.log_weights`` on a CPU: small enough that a block's [rows, D] temporaries
-#: stay in cache (and below the allocator's mmap threshold), large enough for efficient matrix products
+#: stay in cache (and below the allocator's mmap threshold), large enough for efficient matrix products.
+#: Measured on 2 idle cores (MNIST, 200-200): 0.21 s per 25,000 sample rows against 0.30 s for whole chunks,
+#: 0.52 s against 0.98 s per 65,500. (When other processes keep the cores busy, each of the many small
+#: parallel ops waits for a descheduled thread and blocks lose: 2.9 s against 0.76 s; so does the training
+#: step, 0.36 s against 0.026 s.)
 EVAL_BLOCK_ROWS = 2048
 
 
@@ -203,10 +207,12 @@ class SBN(nn.Module):
         """log p(x, z) - log q(z | x) for ``samples`` draws z ~ q(. | x) per row of ``x`` ``[B, D]``: ``[samples, B]``.
 
         The draws are those of ``sample_q(x.repeat(samples, 1), draw_uniforms(samples * B))`` and every value
-        is computed by the same operations on the same operands, so the result is bitwise the same as that
-        ``log_joint - log_q``; only the work is arranged differently: each data row's first inference layer
-        is computed once, each layer's q logits are kept for log q instead of recomputed, and on a CPU the
-        sample rows go in blocks of about ``EVAL_BLOCK_ROWS`` so every temporary stays cache-sized.
+        is computed by the same operations on the same operands, so the result is the same as that
+        ``log_joint - log_q`` (bitwise, on MNIST's shapes); only the work is arranged differently: each data
+        row's first inference layer is computed once, each layer's q logits are kept for log q instead of
+        recomputed, and on a CPU the sample rows go in blocks of about ``EVAL_BLOCK_ROWS``.
+        (A matrix product may round a row differently when its number of rows changes, so on other shapes
+        than those measured, MNIST's, the result can differ from that definition in the last bits.)
         """
         B = x.shape[0]
         us = self.draw_uniforms(samples * B, generator, x.device, x.dtype)   # [samples*B, H_l], sample-major

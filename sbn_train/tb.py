@@ -39,17 +39,31 @@ def log_images(writer, model: SBN, x: Tensor, shape: tuple[int, int] | None, ste
     writer.add_image("images/reconstructions", image_grid(torch.sigmoid(model.p_nets[0](zs[0])), shape), step)
 
 
-def log_layout(writer) -> None:
-    """The custom-scalars layout; TensorBoard merges identical charts across the runs of a sweep folder."""
-    writer.add_custom_scalars(LAYOUT)
+def log_layout(writer, **logged) -> None:
+    """The custom-scalars layout of the charts this run fills; ``logged`` are the arguments of
+    :func:`sbn_train.metrics.custom_scalars_layout` (``n_layers``, ``views``, ``iwae``; none: every chart).
+    TensorBoard merges the layouts of the runs of a sweep folder (identical charts once)."""
+    writer.add_custom_scalars(custom_scalars_layout(**logged) if logged else LAYOUT)
+
+
+#: the hyperparameters TensorBoard's HParams table shows as columns; it shows five at first (the others can
+#: be ticked on), taking those marked ``differs`` first, so these are marked (whether or not they differ)
+KEY_HPARAMS = ("dataset", "estimator", "lr", "model", "seed")
 
 
 def log_hparams(writer, hparams: dict[str, Any], metric_tags: list[str]) -> None:
     """The run's hyperparameters for the hparams plugin. Its metrics are existing scalar tags of this run
-    (e.g. ``test/elbo``): the plugin shows their last value, so nothing is logged twice."""
+    (e.g. ``test/elbo``): the plugin shows their last value, so nothing is logged twice. The table's first
+    columns are :data:`KEY_HPARAMS` and the metrics in the order given (it shows five of each at first)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams as hparams_summary
     clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
     exp, ssi, sei = hparams_summary(clean, {tag: 0.0 for tag in metric_tags})
+    plugin = exp.value[0].metadata.plugin_data
+    data = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in KEY_HPARAMS
+    plugin.content = data.SerializeToString()
     fw = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         fw.add_summary(summary)

@@ -24,10 +24,11 @@ from . import metrics as registry
 from .config import EvalConfig, OptimConfig, TestConfig, TrainConfig, VarianceConfig
 from .data import Splits
 from .estimators import Estimate, Estimator
-from .evaluation import split_bounds, summarize
+from .evaluation import logged_views, split_bounds, summarize
 from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, Images, Job, LogTraining, StepClock,
                    VarianceProbe, evaluate, initial_elbo)
 from .models import SBN
+from .progress import Progress
 from .lock import FolderBusy, RunLock
 from .signals import Interrupted, StopSignals
 from .state import (RunError, TrainSampler, TrainState, load_checkpoint, make_optimizer, save_atomic,
@@ -133,11 +134,11 @@ class RunResult:
     out_dir: str
 
 
-def evaluate_test(model: SBN, data: torch.Tensor, cfg: TestConfig) -> dict[str, float]:
+def evaluate_test(model: SBN, data: torch.Tensor, cfg: TestConfig, show: bool = False) -> dict[str, float]:
     """``test/elbo`` (averaged over ``cfg.elbo_samples``) and ``test/iwae{K}``, with standard errors over
     the test examples (``test/elbo_se`` ...)."""
     elbo, iwae = split_bounds(model, data, cfg.batch_size, cfg.limit, cfg.seed, cfg.elbo_samples, cfg.iwae_k,
-                              cfg.max_rows)
+                              cfg.max_rows, progress=Progress("testing the best model", enabled=show))
     return summarize("test", elbo, iwae, cfg.iwae_k, with_se=True)
 
 
@@ -214,7 +215,7 @@ def make_jobs(settings: RunSettings, splits: Splits) -> list[Job]:
                        VarianceProbe(settings.variance, splits.train, tr.batch_size, settings.seed)]
     if settings.eval.images and splits.image_shape is not None:
         jobs.append(Images(tr.eval_every, splits.valid, splits.image_shape, settings.eval.seed, settings.eval.images))
-    jobs.append(EvaluateAndCheckpoint(tr.eval_every, settings.eval, splits))
+    jobs.append(EvaluateAndCheckpoint(tr.eval_every, settings.eval, splits, show=tr.progress))
     return jobs
 
 
@@ -326,7 +327,8 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
     try:
         if state.step == 0:
             state.first_elbo = initial_elbo(model, splits.valid, settings.eval.seed)
-            tb.log_layout(writer)
+            tb.log_layout(writer, n_layers=model.n_layers, views=logged_views(model, settings.variance),
+                          iwae=settings.eval.iwae_k > 0)
             for job in jobs:
                 if isinstance(job, Images):
                     job.first(ctx)
@@ -338,7 +340,7 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
         if settings.test is not None and settings.test.enabled:
             try:
                 with stop.interruptible():
-                    metrics.update(_test_best_model(ctx, splits, settings.test))
+                    metrics.update(_test_best_model(ctx, splits, settings.test, tr.progress))
             except Interrupted:
                 stop.chain()                  # e.g. a scheduler's requeue handler
                 raise Stopped(stop.signum, state.step) from None
@@ -355,13 +357,13 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
     return RunResult(step=state.step, metrics=metrics, out_dir=str(out_dir))
 
 
-def _test_best_model(ctx: Context, splits: Splits, cfg: TestConfig) -> dict:
+def _test_best_model(ctx: Context, splits: Splits, cfg: TestConfig, show: bool) -> dict:
     """Load ``best.pt`` into the model (it stays there) and evaluate it on the test split."""
     best = ctx.out_dir / BEST
     if best.exists():
         ctx.state.load_best(best)
     t0 = time.perf_counter()
-    out = evaluate_test(ctx.state.model, splits.test, cfg)
+    out = evaluate_test(ctx.state.model, splits.test, cfg, show)
     faults.point("test", ctx.state.step)
     log.info("tested the best model in %.1f s: %s", time.perf_counter() - t0,
              ", ".join(f"{k}={v:.4f}" for k, v in out.items()))

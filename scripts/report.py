@@ -9,12 +9,15 @@ whose runs reach the best validation ELBO (the highest ``valid/elbo`` seen durin
 seeds), and writes to DIR (default: SWEEP/report):
 
     table.md, table.csv, table.tex   test ELBO ("VB") and test importance-weighted bound ("MCB") of the best
-                                     model, mean and standard error over seeds (CSV: one row per estimator)
+                                     model, mean and standard error over seeds (CSV: one row per estimator);
+                                     for runs without the final test (test.enabled=false), the best
+                                     validation ELBO and bound instead
     figure.png                       gradient variance (log scale) and validation ELBO against iterations, one
                                      line per estimator (mean over seeds), one row of panels per dataset x model
     runs.csv                         every run found, with its status: finished, failed (and why), unfinished
 
-Runs that failed or are unfinished are listed in table.md and on stdout, never silently dropped.
+Runs that failed or are unfinished are listed in table.md and on stdout, never silently dropped; a run
+whose results.json or failed.json cannot be read counts as failed, with the reason.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from sbn_train.metrics import LATENT_VARIANCE_TAG, VALID_TAG, VARIANCE_TAG  # no
 
 #: the paper's names for the estimator configs, in the paper's column order
 LABELS = {"reinforce": "LR", "reinforce_ma": "LR+C", "nvil": "LR+C+IDB", "muprop": "MuProp+C+IDB",
-          "leg": "LEG", "marginal": "marginal (RAM)"}
+          "leg": "LEG", "marginal": "marginal (RAM)", "marginal_paper_code": "RAM (published code)"}
 DATASETS = {"mnist": "MNIST", "omniglot": "Omniglot", "fashion_mnist": "Fashion-MNIST", "synthetic": "synthetic"}
 
 
@@ -56,6 +59,21 @@ class Run:
         values = [v for _, v in self.scalars.get(VALID_TAG, []) if math.isfinite(v)]
         return max(values) if values else -math.inf
 
+    @property
+    def valid_k(self) -> int:
+        """K of the validation bound the run logged (valid/iwae{K}), 0 if none."""
+        ks = [int(t[len("valid/iwae"):]) for t in self.scalars if t.startswith("valid/iwae") and t[10:].isdigit()]
+        return max(ks, default=0)
+
+    @property
+    def best_valid_bound(self) -> float:
+        values = [v for _, v in self.scalars.get(f"valid/iwae{self.valid_k}", []) if math.isfinite(v)]
+        return max(values) if values else -math.inf
+
+    @property
+    def tested(self) -> bool:
+        return "test/elbo" in self.metrics
+
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,13 +94,27 @@ def read_run(folder: Path) -> Run:
     steps = [s for values in run.scalars.values() for s, _ in values]
     run.step = max(steps, default=0)
     results, failed = folder / "results.json", folder / "failed.json"
-    if results.exists():
-        data = json.loads(results.read_text())
-        run.metrics, run.step = data.get("metrics", {}), int(data.get("step", run.step))
-        run.status = "finished" if data.get("status", "finished") == "finished" else "unfinished"
-    elif failed.exists():
-        run.status, run.error = "failed", json.loads(failed.read_text()).get("error", "")
+    try:
+        if results.exists():
+            data = read_json(results)
+            run.metrics, run.step = data.get("metrics", {}), int(data.get("step", run.step))
+            run.status = "finished" if data.get("status", "finished") == "finished" else "unfinished"
+        elif failed.exists():
+            run.status, run.error = "failed", str(read_json(failed).get("error", ""))
+    except ValueError as e:
+        run.status, run.error, run.metrics = "failed", str(e), {}
     return run
+
+
+def read_json(path: Path) -> dict:
+    """A results.json / failed.json as a dict; ValueError (saying which file and why) if it cannot be read."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path.name} unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} unreadable (not a JSON object)")
+    return data
 
 
 def find_runs(sweep: Path) -> list[Run]:
@@ -116,6 +148,12 @@ class Row:
     vb: tuple[float, float]
     mcb: tuple[float, float]
     mcb_k: int
+    valid_bound: float = -math.inf       # best validation bound (valid/iwae{valid_k}), mean over seeds
+    valid_k: int = 0
+
+    @property
+    def tested(self) -> bool:
+        return all(r.tested for r in self.runs)
 
 
 def select(runs: list[Run]) -> list[Row]:
@@ -131,10 +169,12 @@ def select(runs: list[Run]) -> list[Row]:
         ks = sorted({int(k[len("test/iwae"):]) for r in chosen for k in r.metrics
                      if k.startswith("test/iwae") and not k.endswith("_se")})
         k = ks[-1] if ks else 0
+        vk = min(r.valid_k for r in chosen)
         rows.append(Row(dataset, model, est, lr, sorted(chosen, key=lambda r: r.seed),
                         mean_se([r.best_valid_elbo for r in chosen])[0],
                         mean_se([r.metrics["test/elbo"] for r in chosen if "test/elbo" in r.metrics]),
-                        mean_se([r.metrics[f"test/iwae{k}"] for r in chosen if f"test/iwae{k}" in r.metrics]), k))
+                        mean_se([r.metrics[f"test/iwae{k}"] for r in chosen if f"test/iwae{k}" in r.metrics]), k,
+                        mean_se([r.best_valid_bound for r in chosen])[0] if vk else -math.inf, vk))
     order = {e: i for i, e in enumerate(estimator_order({r.estimator for r in rows}))}
     return sorted(rows, key=lambda r: (r.dataset, r.model, order[r.estimator]))
 
@@ -145,6 +185,25 @@ def fmt(m: float, se: float, latex: bool = False) -> str:
         return "n/a"
     pm = r" $\pm$ " if latex else " ± "
     return f"{m:.2f}{pm}{se:.2f}" if math.isfinite(se) else f"{m:.2f}"
+
+
+def score_lines(by_est: dict[str, Row], ests: list[str], latex: bool = False) -> list[tuple[str, list[str]]]:
+    """(label, cells) of the score rows of one block: the test ELBO and bound (VB, MCB) when every run was
+    tested; otherwise the best validation ELBO and bound (a run without the final test has no VB/MCB)."""
+    rows = [by_est[e] for e in ests]
+    if all(r.tested for r in rows):
+        k = max(r.mcb_k for r in rows)
+        lines = [("VB (ELBO)" if not latex else "VB", [fmt(*r.vb, latex=latex) for r in rows])]
+        if k:
+            lines.append((f"MCB (K={k})" if not latex else f"MCB ($K={k}$)", [fmt(*r.mcb, latex=latex) for r in rows]))
+        return lines
+    lines = [("best valid ELBO", [fmt(r.valid_elbo, math.nan) for r in rows])]
+    ks = {r.valid_k for r in rows if r.valid_k}
+    if ks:
+        k = f"K={ks.pop()}" if len(ks) == 1 else "K"
+        lines.append((f"best valid bound ({k})" if not latex else f"best valid bound (${k}$)",
+                      [fmt(r.valid_bound, math.nan) for r in rows]))
+    return lines
 
 
 def table_blocks(rows: list[Row]):
@@ -160,22 +219,23 @@ def write_csv(rows: list[Row], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "model", "estimator", "label", "lr", "seeds", "best_valid_elbo", "vb_mean", "vb_se",
-                    "mcb_k", "mcb_mean", "mcb_se"])
+                    "mcb_k", "mcb_mean", "mcb_se", "valid_k", "best_valid_bound"])
         for r in rows:
             w.writerow([r.dataset, r.model, r.estimator, LABELS.get(r.estimator, r.estimator), r.lr, len(r.runs),
                         f"{r.valid_elbo:.4f}", f"{r.vb[0]:.4f}", f"{r.vb[1]:.4f}", r.mcb_k, f"{r.mcb[0]:.4f}",
-                        f"{r.mcb[1]:.4f}"])
+                        f"{r.mcb[1]:.4f}", r.valid_k, f"{r.valid_bound:.4f}"])
 
 
 def markdown_table(rows: list[Row]) -> str:
     lines = []
     for dataset, model, ests, by_est in table_blocks(rows):
-        k = max(r.mcb_k for r in by_est.values())
-        lines += [f"**{dataset}, {model}** (test set; mean ± standard error over seeds)", "",
+        tested = all(by_est[e].tested for e in ests)
+        where = ("test set; mean ± standard error over seeds" if tested else
+                 "no final test (test.enabled=false): validation split, best over evaluations, mean over seeds")
+        lines += [f"**{dataset}, {model}** ({where})", "",
                   "| | " + " | ".join(LABELS.get(e, e) for e in ests) + " |",
                   "|---|" + "---:|" * len(ests),
-                  "| VB (ELBO) | " + " | ".join(fmt(*by_est[e].vb) for e in ests) + " |",
-                  f"| MCB (K={k}) | " + " | ".join(fmt(*by_est[e].mcb) for e in ests) + " |",
+                  *[f"| {label} | " + " | ".join(cells) + " |" for label, cells in score_lines(by_est, ests)],
                   "| learning rate | " + " | ".join(f"{by_est[e].lr:g}" for e in ests) + " |",
                   "| seeds | " + " | ".join(str(len(by_est[e].runs)) for e in ests) + " |", ""]
     return "\n".join(lines)
@@ -184,12 +244,10 @@ def markdown_table(rows: list[Row]) -> str:
 def latex_table(rows: list[Row]) -> str:
     out = []
     for dataset, model, ests, by_est in table_blocks(rows):
-        k = max(r.mcb_k for r in by_est.values())
         out += [r"\begin{tabular}{l" + "r" * len(ests) + "}", r"\toprule",
                 f"{dataset}, {model} & " + " & ".join(LABELS.get(e, e).replace("+", "+{}") for e in ests)
                 + r" \\", r"\midrule",
-                "VB & " + " & ".join(fmt(*by_est[e].vb, latex=True) for e in ests) + r" \\",
-                f"MCB ($K={k}$) & " + " & ".join(fmt(*by_est[e].mcb, latex=True) for e in ests) + r" \\",
+                *[f"{label} & " + " & ".join(cells) + r" \\" for label, cells in score_lines(by_est, ests, True)],
                 r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(out)
 

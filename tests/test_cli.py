@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sbn_train.config import register_configs, validate
+from sbn_train.config import check_keys, register_configs, validate
 from sbn_train.paths import config_dir
 
 register_configs()
@@ -60,6 +60,7 @@ def test_every_group_option_composes():
             assert names, group
             for name in names:
                 cfg = compose("config", overrides=[f"{group}={name}"])
+                check_keys(OmegaConf.to_container(cfg))
                 validate(OmegaConf.to_object(cfg))
 
 
@@ -76,6 +77,7 @@ def test_every_experiment_composes():
                 for estimator in grid["estimator"]:
                     job = compose("config", overrides=[f"experiment={name}", f"model={model}",
                                                        f"estimator={estimator}"])
+                    check_keys(OmegaConf.to_container(job))
                     validate(OmegaConf.to_object(job))
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         paper = compose("config", overrides=["experiment=paper"], return_hydra_config=True)

@@ -64,3 +64,41 @@ def test_sweep_then_report(tmp_path):
     with (out / "runs.csv").open() as f:
         statuses = [r["status"] for r in csv.DictReader(f)]
     assert sorted(statuses) == sorted(["finished"] * len(runs) + ["failed", "unfinished"])
+
+
+def test_report_without_final_test_and_with_unreadable_records(tmp_path):
+    """test.enabled=false: the table shows the best validation ELBO and bound (no n/a rows, no K=0 bound).
+    A run whose results.json or failed.json cannot be read is listed as failed, with the reason."""
+    sweep = tmp_path / "sweep"
+    r = sbn_train("-m", "estimator=nvil,reinforce", *SMALL, "test.enabled=false", "train.max_steps=4",
+                  "train.eval_every=2", "variance.every=0", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if (p / "results.json").exists())
+    assert len(runs) == 2
+    shutil.copytree(runs[0], sweep / "corrupt")
+    (sweep / "corrupt" / "results.json").write_text('{"step": 4, "metr')          # cut short
+    shutil.copytree(runs[0], sweep / "empty_failed")
+    (sweep / "empty_failed" / "results.json").unlink()
+    (sweep / "empty_failed" / "failed.json").write_text("")
+
+    out = tmp_path / "report"
+    rep = subprocess.run([sys.executable, str(REPORT), str(sweep), "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert "n/a" not in table and "K=0" not in table and "| VB (ELBO) |" not in table, table
+    assert "no final test (test.enabled=false)" in table
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in table.splitlines() if line.startswith("| best valid")}
+    assert set(cells) == {"best valid ELBO", "best valid bound (K=5)"}, table
+    best = {p.name.split("=", 1)[1]: p for p in runs}
+    for i, est in enumerate(["reinforce", "nvil"]):            # the paper's column order: LR, LR+C+IDB
+        s = scalars(best[est])
+        assert cells["best valid ELBO"][i] == f"{max(v for _, v in s['valid/elbo']):.2f}"
+        assert cells["best valid bound (K=5)"][i] == f"{max(v for _, v in s['valid/iwae5']):.2f}"
+    assert "failed: `corrupt` at step 4/4: results.json unreadable (JSONDecodeError" in table, table
+    assert "failed: `empty_failed` at step 4/4: failed.json unreadable (JSONDecodeError" in table, table
+    with (out / "runs.csv").open() as f:
+        statuses = {row["run"]: row["status"] for row in csv.DictReader(f)}
+    assert statuses["corrupt"] == "failed" and statuses["empty_failed"] == "failed"
+    assert "\\begin{tabular}" in (out / "table.tex").read_text() and "K=0" not in (out / "table.tex").read_text()

@@ -6,18 +6,23 @@ A cache that fails any check (missing or unreadable manifest, size or checksum m
 file, wrong keys, shapes, dtypes or value range) is logged as a warning, deleted and rebuilt; it is
 never used.  Both files are written to a temporary file in the same directory and moved into place
 with ``os.replace``, the manifest last, so a killed process cannot leave a cache that passes the checks.
+
+Concurrent first loads (the runs of a sweep) build a cache once: :func:`cached` checks it under a shared
+``flock`` on ``<root>/<name>.lock`` and builds it under an exclusive one, so one process downloads and writes
+while the others wait, then find the cache; none sees (and deletes) a cache half written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import uuid
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -72,6 +77,52 @@ def atomic_write(path: str, payload: bytes) -> None:
 def cache_paths(root: str, name: str) -> tuple[str, str]:
     """(tensor file, manifest) of dataset ``name`` under ``root``."""
     return os.path.join(root, f"{name}.pt"), os.path.join(root, f"{name}.json")
+
+
+def cached(
+    root: str,
+    name: str,
+    dtype: torch.dtype,
+    build: Callable[[], tuple[Mapping[str, torch.Tensor], str]],
+) -> dict[str, torch.Tensor]:
+    """The cached ``{"train", "test"}`` tensors of ``name``; when absent or invalid, ``build()`` makes
+    them (returning the tensors and their source) and they are cached, by one process at a time."""
+    lock = os.path.join(root, f"{name}.lock")  # left in place: removing a lock file races with its users
+    with _locked(lock, fcntl.LOCK_SH):
+        tensors = load_cache(root, name, dtype)
+    if tensors is not None:
+        return tensors
+    with _locked(lock, fcntl.LOCK_EX):
+        tensors = load_cache(root, name, dtype)  # built by another process while this one waited?
+        if tensors is None:
+            built, source = build()
+            save_cache(root, name, built, source)
+            tensors = dict(built)
+    return tensors
+
+
+@contextlib.contextmanager
+def _locked(path: str, operation: int) -> Iterator[None]:
+    """``flock`` on the file ``path`` for the block. Where it can be neither created nor opened (a
+    read-only directory, holding a cache made elsewhere), the block runs without the lock."""
+    fd = _open_lock(path)
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _open_lock(path: str) -> int | None:
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(path, flags, 0o666)
+        except OSError:
+            continue
+    return None
 
 
 def save_cache(root: str, name: str, tensors: Mapping[str, torch.Tensor], source: str) -> None:

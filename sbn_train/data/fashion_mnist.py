@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .cache import load_cache, save_cache
+from .cache import cached
 from .common import (
     IMAGE_DIM,
     IMAGE_SIDE,
@@ -57,16 +57,18 @@ def load(data_dir: Any, n_valid: Any, download_timeout: Any) -> Splits:
 def _load_fashion_mnist(root_dir: str, n_valid: int, timeout: float) -> Splits:
     root = os.path.join(root_dir, "fashion_mnist")
     os.makedirs(root, exist_ok=True)
-    tensors = load_cache(root, "fashion_mnist", torch.uint8)
-    if tensors is None:
-        files = {f: (FASHION_MNIST_URL + f, md5) for f, md5 in FASHION_MNIST_MD5.items()}
-        paths = ensure_raw_files("fashion_mnist", os.path.join(root, "raw"), files, "md5", timeout)
-        tensors = {
-            "train": _idx_images(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"]),
-            "test": _idx_images(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"]),
-        }
-        save_cache(root, "fashion_mnist", tensors, "official IDX files")
+    tensors = cached(root, "fashion_mnist", torch.uint8, lambda: _build(root, timeout))
     return make_splits("fashion_mnist", tensors["train"], tensors["test"], n_valid)
+
+
+def _build(root: str, timeout: float) -> tuple[dict[str, torch.Tensor], str]:
+    files = {f: (FASHION_MNIST_URL + f, md5) for f, md5 in FASHION_MNIST_MD5.items()}
+    paths = ensure_raw_files("fashion_mnist", os.path.join(root, "raw"), files, "md5", timeout)
+    tensors = {
+        "train": _idx_images(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"]),
+        "test": _idx_images(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"]),
+    }
+    return tensors, "official IDX files"
 
 
 def _idx_images(images_path: str, labels_path: str) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import cache_paths, load_cache, save_cache
+from .cache import cache_paths, cached
 from .common import (
     IMAGE_DIM,
     IMAGE_SIDE,
@@ -78,10 +78,7 @@ def load(data_dir: Any, n_valid: Any, download_timeout: Any) -> Splits:
 def _load_mnist(root_dir: str, n_valid: int, timeout: float) -> Splits:
     root = os.path.join(root_dir, "mnist")
     os.makedirs(root, exist_ok=True)
-    tensors = load_cache(root, "mnist", torch.uint8)
-    if tensors is None:
-        tensors, source = _fetch_mnist(root, timeout)
-        save_cache(root, "mnist", tensors, source)
+    tensors = cached(root, "mnist", torch.uint8, lambda: _fetch_mnist(root, timeout))
     return make_splits("mnist", tensors["train"], tensors["test"], n_valid)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .cache import load_cache, save_cache
+from .cache import cached
 from .common import (
     IMAGE_DIM,
     IMAGE_SIDE,
@@ -60,19 +60,19 @@ def load(data_dir: Any, n_valid: Any, shuffle_seed: Any, download_timeout: Any) 
 def _load_omniglot(root_dir: str, n_valid: int, shuffle_seed: int | None, timeout: float) -> Splits:
     root = os.path.join(root_dir, "omniglot")
     os.makedirs(root, exist_ok=True)
-    tensors = load_cache(root, "omniglot", torch.float32)
-    if tensors is None:
-        raw_dir = os.path.join(root, "raw")
-        # No checksum of chardata.mat is published; it is checked structurally.
-        paths = ensure_raw_files(
-            "omniglot", raw_dir, {OMNIGLOT_FILE: (OMNIGLOT_URL, None)}, "sha256", timeout
-        )
-        tensors = _read_chardata(paths[OMNIGLOT_FILE])
-        save_cache(root, "omniglot", tensors, "IWAE chardata.mat")
+    tensors = cached(root, "omniglot", torch.float32, lambda: _build(root, timeout))
     permutation = None
     if shuffle_seed is not None:
         permutation = np.random.RandomState(shuffle_seed).permutation(tensors["train"].shape[0])
     return make_splits("omniglot", tensors["train"], tensors["test"], n_valid, permutation)
+
+
+def _build(root: str, timeout: float) -> tuple[dict[str, torch.Tensor], str]:
+    # No checksum of chardata.mat is published; it is checked structurally.
+    paths = ensure_raw_files(
+        "omniglot", os.path.join(root, "raw"), {OMNIGLOT_FILE: (OMNIGLOT_URL, None)}, "sha256", timeout
+    )
+    return _read_chardata(paths[OMNIGLOT_FILE]), "IWAE chardata.mat"
 
 
 def _read_chardata(path: str) -> dict[str, torch.Tensor]:

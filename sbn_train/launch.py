@@ -1,0 +1,206 @@
+"""What the CLI does around Hydra's jobs: checks before anything is written, the summary of a multirun,
+one-line error messages, and the lists of the help text.
+
+:class:`Checks` is a Hydra callback (``hydra.callbacks`` in configs/config.yaml). Before a single run,
+Hydra calls it with the composed config before it creates the run folder: a key the schema lacks, a bad
+value, or a folder that already holds a run stop the command there, so nothing is written. Before a
+multirun it checks the keys of the base config and notes the sweep folder, so that :func:`sweep_summary`
+can list each job's outcome (from the files the jobs leave: results.json, failed.json) when it ends.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from .config import ConfigError, check_keys, validate
+from .paths import config_dir
+
+#: the sweep this process started (its folder and start time), for the summary at its end
+SWEEP: dict[str, Any] = {}
+
+
+def task_config(cfg: DictConfig) -> DictConfig:
+    """The job's config: the composed config without its ``hydra`` node (as Hydra hands it to the task)."""
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        task.pop("hydra", None)
+    return task
+
+
+def check_options(task: DictConfig) -> None:
+    """Keys of the typed sections, of the dataset (its options dataclass) and of the estimator (its
+    constructor's arguments): an unknown one is a :class:`ConfigError` naming it."""
+    check_keys(OmegaConf.to_container(task, resolve=False))
+    from .data import DATASETS
+    name = OmegaConf.select(task, "dataset.name")
+    if name in DATASETS:
+        known = [f.name for f in dataclasses.fields(DATASETS[name].config)]
+        extra = [k for k in task.dataset if k not in known]
+        if extra:
+            raise ConfigError(f"dataset.{extra[0]} is not an option of dataset {name} (it has: {', '.join(known)})")
+    target = OmegaConf.select(task, "estimator._target_")
+    if target:
+        from hydra.utils import get_class
+        try:
+            params = inspect.signature(get_class(target).__init__).parameters
+        except Exception as e:  # noqa: BLE001 - a bad _target_ is reported as the config error it is
+            raise ConfigError(f"estimator._target_={target} cannot be imported: {e}") from None
+        known = [p for p in params if p not in ("self", "model")]
+        extra = [k for k in task.estimator if k != "_target_" and k not in known]
+        if extra:
+            raise ConfigError(f"estimator.{extra[0]} is not an option of {target.rsplit('.', 1)[-1]} "
+                              f"(it has: {', '.join(known)})")
+
+
+def check_device(name: str) -> None:
+    import torch
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} requested but CUDA is not available; use device=cpu or device=auto")
+
+
+def check_run(task: DictConfig) -> None:
+    """Every check a config can fail before the run starts: keys, then values, then the device."""
+    check_options(task)
+    typed = OmegaConf.to_object(task)
+    validate(typed)
+    check_device(typed.device)
+
+
+def holds_run(folder: Path) -> bool:
+    """True if ``folder`` holds (part of) a previous run: checkpoint, results or TensorBoard events."""
+    from .train import CHECKPOINT, RESULTS
+    return (folder / CHECKPOINT).exists() or (folder / RESULTS).exists() or any(folder.glob("events.out.tfevents.*"))
+
+
+class Refused(BaseException):
+    """A check before the run failed (``error`` says why). A BaseException: Hydra turns the Exceptions of
+    callbacks into warnings and goes on; this one stops the command, and the CLI reports ``error``."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class Checks(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            task = task_config(config)
+            check_run(task)
+            folder = Path(str(config.hydra.run.dir))
+            if holds_run(folder) and not (task.train.resume or task.train.overwrite):
+                # before Hydra writes its .hydra/ record there, which would no longer describe that run
+                raise ConfigError(f"{folder} already holds a run. Continue it with train.resume=true, discard "
+                                  f"it with train.overwrite=true, or set hydra.run.dir=<another folder>")
+        except expected_errors() as e:
+            raise Refused(e) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # the typed sections' keys only: values, and the options of a dataset or estimator (which a sweep
+        # may choose per job), are checked job by job
+        try:
+            check_keys(OmegaConf.to_container(task_config(config), resolve=False))
+        except expected_errors() as e:
+            raise Refused(e) from None
+        SWEEP.update(dir=Path(str(config.hydra.sweep.dir)), start=time.time())
+
+
+@dataclasses.dataclass
+class Outcome:
+    name: str
+    status: str          # finished | failed | stopped
+    error: str = ""
+
+
+def sweep_outcomes(sweep_dir: Path, since: float) -> list[Outcome]:
+    """The jobs of the sweep started at ``since`` (Hydra wrote their ``.hydra/`` record after it)."""
+    out = []
+    for record in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
+        folder = record.parent.parent
+        if record.stat().st_mtime < since - 1:
+            continue
+        failed, results = folder / "failed.json", folder / "results.json"
+        if failed.exists() and failed.stat().st_mtime >= since - 1:
+            try:
+                error = json.loads(failed.read_text()).get("error", "")
+            except (OSError, ValueError):
+                error = "(failed.json unreadable)"
+            out.append(Outcome(folder.name, "failed", (str(error).strip().splitlines() or [""])[0]))
+            continue
+        try:
+            finished = json.loads(results.read_text()).get("status") == "finished"
+        except (OSError, ValueError):
+            finished = False
+        out.append(Outcome(folder.name, "finished" if finished else "stopped"))
+    return out
+
+
+def sweep_summary(outcomes: list[Outcome], sweep_dir: Path) -> str:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "failed", "stopped")}
+    head = f"sbn-train: {counts['finished']} finished, {counts['failed']} failed"
+    head += f", {counts['stopped']} stopped" if counts["stopped"] else ""
+    lines = [f"{head} ({sweep_dir})"]
+    lines += [f"  failed: {o.name}: {o.error}" for o in outcomes if o.status == "failed"]
+    lines += [f"  stopped: {o.name}" for o in outcomes if o.status == "stopped"]
+    return "\n".join(lines)
+
+
+def one_line(e: BaseException) -> str:
+    """A compose-time or run-time error as one line: its first line, plus the first line of its cause
+    (Hydra wraps OmegaConf's type errors) or the options of a missing group choice."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    cause = e.__cause__
+    if (isinstance(e, ConfigCompositionException) and isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+            and cause.full_key):
+        try:                     # a misspelt key: the same message as +key (the closest key, the section's keys)
+            check_keys(_nested(cause.full_key))
+        except ConfigError as err:
+            return str(err)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].removeprefix("In 'config': ").rstrip(".")
+    if isinstance(e, MissingConfigException) and e.options:
+        return f"{first}; options: {', '.join(sorted(e.options))}"
+    if isinstance(e, ConfigCompositionException) and cause is not None and str(cause).strip():
+        return f"{first}: {str(cause).strip().splitlines()[0]}"
+    return first
+
+
+def _nested(dotted: str) -> dict:
+    out: dict = {}
+    node = out
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = None
+    return out
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input or environment, reported in one line (others show a traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from .data import DataError
+    from .state import RunError
+    return (ConfigError, DataError, RunError, ValueError, OSError, HydraException, OmegaConfBaseException)
+
+
+def group_options() -> str:
+    """The user-facing config groups and their options, one line each (the ``sbn_groups`` resolver of the
+    help template): the files of configs/<group>/, so new files show up without edits."""
+    root = config_dir()
+    lines = []
+    for group in ("dataset", "model", "estimator", "optim", "experiment", "hydra/launcher", "hydra/sweeper"):
+        names = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        if group == "hydra/launcher":
+            names = sorted({*names, "joblib"})
+        lines += textwrap.wrap(", ".join(names), width=100, initial_indent=f"  {group + '=':<17}",
+                               subsequent_indent=" " * 19, break_on_hyphens=False)
+    return "\n".join(lines)
