@@ -169,13 +169,13 @@ def _quote(arg: str) -> str:
 def _record_failure(e: Exception) -> None:
     """``failed.json`` in the run folder (written atomically: always valid JSON), so that reports list the run
     as failed and say why. If the folder cannot be written either, one warning line says so."""
+    from .state import write_atomic
     from .train import FAILED
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (FAILED + ".tmp")
-        tmp.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2))
-        os.replace(tmp, out / FAILED)
+        text = json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2)
+        write_atomic(out / FAILED, lambda tmp: tmp.write_text(text))
     except Exception as err:  # noqa: BLE001 - reporting a failure must not hide it
         print(f"sbn-train: warning: could not record the failure in the run folder ({err})", file=sys.stderr)
 

@@ -2,7 +2,8 @@
 with SIGKILL (no handler runs, as with ``kill -9`` or an out-of-memory kill) when it reaches the named point
 at that step; ``<point>:<step>:<SIGNAL>`` (e.g. ``eval:20:SIGTERM``) sends that signal instead. Points: ``step`` (between the estimate and the optimizer update), ``checkpoint`` (after the
 temporary file is written, before the rename), ``eval`` (inside the periodic evaluation), ``test`` (inside
-the final test), ``results`` (while results.json is written). Unset, each check is one dictionary lookup.
+the final test), ``results`` (while results.json is written). The variable is read once, when this module is
+imported; unset, each check is one comparison with None.
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import signal
 
 ENV = "SBN_TRAIN_KILL_AT"
 POINTS = ("step", "checkpoint", "eval", "test", "results")
+_SPEC = os.environ.get(ENV) or None
 
 
 def point(name: str, step: int) -> None:
-    spec = os.environ.get(ENV)
-    if not spec:
+    if _SPEC is None:
         return
-    where, at, sig = (spec.split(":") + ["", ""])[:3]
+    where, at, sig = (_SPEC.split(":") + ["", ""])[:3]
     if where == name and (not at or int(at) == step):
         os.kill(os.getpid(), signal.Signals[sig] if sig else signal.SIGKILL)

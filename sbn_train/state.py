@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,27 +43,31 @@ def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig, capturable: boo
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a kill never leaves a partial file, and a
-    failed write (disk full, unwritable folder) leaves the previous file and no temporary one."""
+def write_atomic(path: Path, write: Callable[[Path], None], fault: tuple[str, int] | None = None) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then rename: a kill never leaves a partial file,
+    and a failed write (disk full, unwritable folder) leaves the previous file, no temporary one, and a
+    one-line :class:`RunError` naming the path. ``fault``: the fault-injection point between the two."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
-        faults.point("checkpoint", int(obj.get("step", -1)) if isinstance(obj, dict) else -1)
+        write(tmp)
+        if fault is not None:
+            faults.point(*fault)
         os.replace(tmp, path)
     except OSError as e:
         raise RunError(f"cannot write {path}: {e.strerror or e}") from None
     except RuntimeError as e:             # torch.save reports a failed write as a RuntimeError
         raise RunError(f"cannot write {path}: {str(e).splitlines()[0][:200]}") from None
     finally:
-        _remove(tmp)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`write_atomic`."""
+    step = int(obj.get("step", -1)) if isinstance(obj, dict) else -1
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), ("checkpoint", step))
 
 
 #: config keys that may differ between a run and its resumption (they do not change the trajectory of the

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from .progress import Progress
 from .lock import FolderBusy, RunLock
 from .signals import Interrupted, StopSignals
 from .state import (RunError, TrainSampler, TrainState, load_checkpoint, make_optimizer, save_atomic,
-                    trajectory_config)
+                    trajectory_config, write_atomic)
 
 __all__ = ["BEST", "CHECKPOINT", "FAILED", "RESULTS", "RunError", "RunResult", "RunSettings", "Stopped", "TrainSampler",
            "TrainState", "TrainStep", "evaluate", "evaluate_test", "load_checkpoint", "make_optimizer", "run",
@@ -179,18 +178,8 @@ def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
 
 def _write_results(out_dir: Path, results: dict) -> None:
     """results.json, atomically (a failed write leaves no file behind and says which path and why)."""
-    path, tmp = out_dir / RESULTS, out_dir / (RESULTS + ".tmp")
-    try:
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-        faults.point("results", int(results.get("step", -1)))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+    text = json.dumps(results, indent=2, default=str)
+    write_atomic(out_dir / RESULTS, lambda tmp: tmp.write_text(text), ("results", int(results.get("step", -1))))
 
 
 def make_step(state: TrainState, cuda_graph: bool | None):

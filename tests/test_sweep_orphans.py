@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from test_cli import ONE_THREAD, SMALL, sbn_train

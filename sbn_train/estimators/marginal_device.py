@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..models import SBN, logit_of_uniform, softplus
-from .marginal_fast import Workspace, _chunk, _entropy_sum, _log_prob_rank1, _rank1_pre, _Sample, _softplus_sum
+from .marginal_fast import Workspace, _chunked_layer, _entropy_sum, _log_prob_rank1, _rank1_pre, _Sample, _softplus_sum
 
 
 class _DeviceSample(_Sample):
@@ -147,18 +147,10 @@ def flip_deltas_device(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
     s = _DeviceSample(model, below, [logit_of_uniform(u) for u in uniforms])
     deltas = []
     for l in range(1, L + 1):
-        H = model.sizes[l]
         d = 1 - 2 * below[l]                                      # [B, H]: the change a flip makes
-        chunk = _chunk(max_elements, B, max(model.sizes[l:]), H)
-        out = torch.empty_like(d)
-        for a in range(0, H, chunk):
-            e = min(H, a + chunk)
-            delta = out[:, a:e]
-            sub = _chunk(max_elements, B, model.sizes[l - 1], e - a)
-            for a2 in range(a, e, sub):
-                e2 = min(e, a2 + sub)
-                delta[:, a2 - a:e2 - a] = _p_flip_term(model, s, l, d[:, a2:e2], a2, ws)
-            _add_resimulated(delta, model, s, l, d[:, a:e], a, ws)
-        deltas.append(out)
+        deltas.append(_chunked_layer(
+            d, model.sizes, l, max_elements,
+            lambda d_sub, a2: _p_flip_term(model, s, l, d_sub, a2, ws),
+            lambda delta, d_sub, a: _add_resimulated(delta, model, s, l, d_sub, a, ws)))
     return deltas
 

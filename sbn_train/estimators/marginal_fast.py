@@ -367,24 +367,33 @@ def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
     s = _Sample(model, below, lus)
     deltas = []
     for l in range(1, L + 1):
-        H = model.sizes[l]
         d = 1 - 2 * below[l]                                      # [B, H]: the change a flip makes
         p_table = _table(model.p_nets[l - 1], below[l])                      # p_l reads z_l
         q_table = _table(model.q_nets[l], below[l]) if l < L else None        # so does q_{l+1}
-        # chunks of units sized by the widest layer re-simulated above l; the (often wider) layer
-        # below is handled in sub-chunks of its own size, so each operation works on large tensors
-        chunk = _chunk(max_elements, B, max(model.sizes[l:]), H)
-        out = torch.empty_like(d)
-        for a in range(0, H, chunk):
-            e = min(H, a + chunk)
-            delta = out[:, a:e]
-            sub = _chunk(max_elements, B, model.sizes[l - 1], e - a)
-            for a2 in range(a, e, sub):
-                e2 = min(e, a2 + sub)
-                delta[:, a2 - a:e2 - a] = _p_flip_term(model, s, p_table, l, d[:, a2:e2], a2, ws)
-            _add_resimulated(delta, model, s, q_table, l, d[:, a:e], a, ws)
-        deltas.append(out)
+        deltas.append(_chunked_layer(
+            d, model.sizes, l, max_elements,
+            lambda d_sub, a2: _p_flip_term(model, s, p_table, l, d_sub, a2, ws),
+            lambda delta, d_sub, a: _add_resimulated(delta, model, s, q_table, l, d_sub, a, ws)))
     return deltas
+
+
+def _chunked_layer(d: Tensor, sizes: list[int], l: int, max_elements: int, p_term, add_resimulated) -> Tensor:
+    """Delta of every unit of layer l, ``[B, H_l]``, in chunks of units: ``p_term(d_sub, a)`` gives the change
+    of log p(z_{l-1} | z_l) for the units from ``a`` on; ``add_resimulated(delta, d_sub, a)`` adds the terms
+    of the layers re-simulated above l. Chunks are sized by the widest layer re-simulated above l; the (often
+    wider) layer below is handled in sub-chunks of its own size, so each operation works on large tensors."""
+    B, H = d.shape
+    chunk = _chunk(max_elements, B, max(sizes[l:]), H)
+    out = torch.empty_like(d)
+    for a in range(0, H, chunk):
+        e = min(H, a + chunk)
+        delta = out[:, a:e]
+        sub = _chunk(max_elements, B, sizes[l - 1], e - a)
+        for a2 in range(a, e, sub):
+            e2 = min(e, a2 + sub)
+            delta[:, a2 - a:e2 - a] = p_term(d[:, a2:e2], a2)
+        add_resimulated(delta, d[:, a:e], a)
+    return out
 
 
 def _chunk(max_elements: int, B: int, width: int, n: int) -> int:
