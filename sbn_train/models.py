@@ -55,6 +55,32 @@ def threshold(lu: Tensor, logits: Tensor) -> Tensor:
     return (lu < logits).to(logits.dtype)
 
 
+class UniformTape:
+    """Uniforms drawn in advance and handed out, in order, by :meth:`SBN.draw_uniforms` (one call takes one
+    ``[B, H_l]`` tensor per layer). A replica group draws each replica's uniforms from that replica's own
+    generator, in the order the standalone run draws them, and hands the estimator a tape instead of the
+    generator; :func:`record_draws` learns that order."""
+
+    def __init__(self, draws: Sequence[Tensor]):
+        self.draws, self.pos = list(draws), 0
+
+    def take(self, batch: int, sizes: Sequence[int]) -> list[Tensor]:
+        out = self.draws[self.pos:self.pos + len(sizes)]
+        if len(out) != len(sizes) or any(tuple(u.shape) != (batch, h) for u, h in zip(out, sizes)):
+            raise RuntimeError(f"the uniform tape does not hold the draw asked for ([{batch}, H] for H in "
+                               f"{list(sizes)}) at position {self.pos}")
+        self.pos += len(sizes)
+        return out
+
+
+class DrawRecorder:
+    """Stands in for a generator and records the batch size of every :meth:`SBN.draw_uniforms` call (the
+    uniforms come from ``generator``), so that a replica group can draw the same calls in advance."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator, self.batches = generator, []
+
+
 class Conditional(nn.Module):
     """Logits of a factorized Bernoulli given its parent: ``rest(first(v))``.
 
@@ -141,9 +167,15 @@ class SBN(nn.Module):
         """Logits of q(z_l | z_{l-1}=parent); ``l`` is 1-based."""
         return self.q_nets[l - 1](self.q_input(l, parent))
 
-    def draw_uniforms(self, batch: int, generator: torch.Generator | None = None,
+    def draw_uniforms(self, batch: int, generator: "torch.Generator | UniformTape | None" = None,
                       device=None, dtype=None) -> list[Tensor]:
-        """One uniform per latent unit, as a list of ``[B, H_l]`` tensors."""
+        """One uniform per latent unit, as a list of ``[B, H_l]`` tensors: drawn from ``generator``, or the
+        next ones of a :class:`UniformTape` (uniforms drawn in advance, e.g. per replica of a group)."""
+        if isinstance(generator, UniformTape):
+            return generator.take(batch, self.latent_sizes)
+        if isinstance(generator, DrawRecorder):
+            generator.batches.append(int(batch))
+            generator = generator.generator
         p = self.prior_logits
         return [torch.rand(batch, h, generator=generator, device=device or p.device, dtype=dtype or p.dtype)
                 for h in self.latent_sizes]

@@ -81,7 +81,7 @@ def resimulate(model: SBN, zs: list[Tensor], lus: list[Tensor], l: int, z_l: Ten
 
 @torch.no_grad()
 def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor,
-                     max_elements: int = DEFAULT_MAX_ELEMENTS) -> Tensor:
+                     max_elements: int = DEFAULT_MAX_ELEMENTS, route: str | None = None) -> Tensor:
     """``[B, H]``: entry (b, i) = log Bern(target_b | sigmoid(net(inp_b with unit i flipped))), no gradient.
 
     ``inp`` is the net's binary input ``[B, H]`` (a latent layer; flipping unit i sets it to 1 - inp_i);
@@ -91,7 +91,7 @@ def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor,
     path (no exp or log per entry).
     """
     # the check reads a value back to the host, a stall on a GPU: made on the CPU route only
-    if not on_device_route(inp) and not bool(((inp == 0) | (inp == 1)).all()):
+    if not on_device_route(inp, route) and not bool(((inp == 0) | (inp == 1)).all()):
         raise ValueError("flipped_log_prob needs a binary input (a latent layer)")
     B, H = inp.shape
     if B == 0:
@@ -101,7 +101,7 @@ def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor,
     width = max(pre.shape[-1], target.shape[-1])
     chunk = max(1, min(H, max_elements // max(1, B * width)))
     if net.is_linear:
-        table = _FlipTable(net.first.weight, inp)
+        table = _FlipTable(net.first.weight, inp, route)
         if table.usable:                                        # exp-space route of the marginal estimator
             s, one_minus_s = torch.sigmoid(pre)[:, None, :], torch.sigmoid(-pre)[:, None, :]
             base = bernoulli_log_prob(target, pre)[:, None]     # [B, 1]

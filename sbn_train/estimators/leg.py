@@ -51,6 +51,7 @@ class LEG(LogitCoefficientEstimator):
         super().__init__(model)
         self.max_elements = check_max_elements(max_elements)
         self.upstream_terms = bool(upstream_terms)
+        self.route: str | None = None      # the flip passes' route (None: marginal_fast.ROUTE)
 
     def signals(self, s: Sample) -> list[Tensor]:
         signals = downstream_signals(s.log_p, s.log_q)
@@ -62,11 +63,11 @@ class LEG(LogitCoefficientEstimator):
         z, a = s.zs[l - 1], s.q_logits[l - 1]
         d = 1 - 2 * z                                                   # [B, H]: v_flipped - v_sampled
         below = s.parents[l - 1]
-        d_p = flipped_log_prob(model.p_nets[l - 1], z, below, self.max_elements) - s.log_p[l - 1][:, None]
+        d_p = flipped_log_prob(model.p_nets[l - 1], z, below, self.max_elements, self.route) - s.log_p[l - 1][:, None]
         d_q = d * a                                                     # unit i of log q(z_l | z_{l-1})
         if l < model.n_layers:
             d_p = d_p + d * model.p_nets[l](s.zs[l])                    # unit i of log p(z_l | z_{l+1})
-            d_q = d_q + flipped_log_prob(model.q_nets[l], z, s.zs[l], self.max_elements) - s.log_q[l][:, None]
+            d_q = d_q + flipped_log_prob(model.q_nets[l], z, s.zs[l], self.max_elements, self.route) - s.log_q[l][:, None]
         else:
             d_p = d_p + d * model.prior_logits
         return d_p - d_q, d_q

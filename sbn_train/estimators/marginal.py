@@ -49,7 +49,7 @@ from ..models import SBN, bernoulli_entropy, logit_of_uniform, threshold
 from .base import DEFAULT_MAX_ELEMENTS, check_max_elements
 from .branches import Sample
 from .layerwise import LayerwiseEstimator
-from .marginal_fast import flip_deltas
+from .marginal_fast import Workspace, flip_deltas
 
 __all__ = ["Marginal", "flip_deltas", "flip_deltas_reference", "objective_terms", "top_prior_mean_shift"]
 
@@ -148,11 +148,15 @@ class Marginal(LayerwiseEstimator):
         self.n_samples = self.q_samples = int(n_samples)
         self.top_prior_at_mean = bool(top_prior_at_mean)
         self.unbiased = not self.top_prior_at_mean
+        #: the flip pass's route ("auto", "cpu", "device"; None: marginal_fast.ROUTE) and its scratch, owned by
+        #: this estimator (a replica group sets the device route and a workspace without scratch)
+        self.route: str | None = None
+        self.workspace = Workspace()
 
     def deltas(self, model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor]) -> list[Tensor]:
         if self.implementation == "reference":
             return flip_deltas_reference(model, x, zs, uniforms, self.top_prior_at_mean)
-        deltas = flip_deltas(model, x, zs, uniforms, self.max_elements)
+        deltas = flip_deltas(model, x, zs, uniforms, self.max_elements, self.workspace, self.route)
         if self.top_prior_at_mean:
             shifts = top_prior_mean_shift(model, x, zs, uniforms, self.max_elements or DEFAULT_MAX_ELEMENTS)
             deltas = [delta + shift for delta, shift in zip(deltas, shifts)]

@@ -45,10 +45,10 @@ class _DeviceSample(_Sample):
         return self._cached(("q_entropy", k), make)
 
 
-def _softplus_change_sum(x: Tensor, s: _DeviceSample, k: int) -> Tensor:
+def _softplus_change_sum(x: Tensor, s: _DeviceSample, k: int, ws: Workspace) -> Tensor:
     """sum_i softplus(pre_i + r_i) - softplus(pre_i), ``[B, c]``, from x = r + log sigmoid(pre) ``[B, c, h]``
-    (overwritten), pre the first-layer pre-activations of p_k at the sample."""
-    return torch.logaddexp(x, s.log_sig(k)[1], out=x).sum(-1)
+    (overwritten when ``ws`` has scratch), pre the first-layer pre-activations of p_k at the sample."""
+    return torch.logaddexp(x, s.log_sig(k)[1], out=x if ws.reuse else None).sum(-1)
 
 
 def _entropy_change_sum(a: Tensor, s: _DeviceSample, k: int, t1: Tensor, t2: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ def _p_flip_term(model: SBN, s: _DeviceSample, l: int, d: Tensor, start: int, ws
     x = torch.addcmul(s.log_sig(l)[0], d[:, :, None], w.T.contiguous()[None],
                       out=ws.get("a", (B, c, w.shape[0]), d))          # [B, c, h]
     # v . (pre + r) - v . pre = d_j (v . W[:, j]): a matrix product
-    return d * (s.below[l - 1] @ w) - _softplus_change_sum(x, s, l)
+    return d * (s.below[l - 1] @ w) - _softplus_change_sum(x, s, l, ws)
 
 
 def _add_resimulated(delta: Tensor, model: SBN, s: _DeviceSample, l: int, d: Tensor, start: int,
@@ -95,8 +95,11 @@ def _add_resimulated(delta: Tensor, model: SBN, s: _DeviceSample, l: int, d: Ten
             q_logits = q_net.tail(q_pre)
             delta += _entropy_sum(q_logits, ws.get("b", q_logits.shape, d), ws.get("c", q_logits.shape, d)) \
                 - s.ent[k - 1][:, None]
-        dz = torch.lt(s.lus[k - 1][:, None, :], q_logits, out=ws.get(f"z{k % 2}", q_logits.shape, d))
-        dz = torch.sub(dz, s.below[k][:, None, :], out=dz)          # [B, c, H_k] in {-1, 0, 1}
+        if ws.reuse:
+            dz = torch.lt(s.lus[k - 1][:, None, :], q_logits, out=ws.get(f"z{k % 2}", q_logits.shape, d))
+        else:
+            dz = torch.lt(s.lus[k - 1][:, None, :], q_logits).to(q_logits.dtype)
+        dz = torch.sub(dz, s.below[k][:, None, :], out=dz if ws.reuse else None)   # [B, c, H_k] in {-1, 0, 1}
         delta += _p_resimulated(model, s, k, dz, dz_below, d, start, j, ws)
         dz_below = dz
     b = model.prior_logits
@@ -106,8 +109,10 @@ def _add_resimulated(delta: Tensor, model: SBN, s: _DeviceSample, l: int, d: Ten
         delta += torch.matmul(dz, b)
 
 
-def _times(dz: Tensor, w_t: Tensor, out: Tensor) -> Tensor:
-    """dz @ w_t, ``[B, c, h]``, for dz ``[B, c, H]`` and w_t ``[H, h]``, into ``out``."""
+def _times(dz: Tensor, w_t: Tensor, out: Tensor | None) -> Tensor:
+    """dz @ w_t, ``[B, c, h]``, for dz ``[B, c, H]`` and w_t ``[H, h]``, into ``out`` (None: a new tensor)."""
+    if out is None:
+        return torch.matmul(dz, w_t)
     B, c, H = dz.shape
     return torch.mm(dz.view(B * c, H), w_t, out=out.view(B * c, -1)).view(B, c, -1)
 
@@ -127,7 +132,7 @@ def _p_resimulated(model: SBN, s: _DeviceSample, k: int, dz: Tensor, dz_below: T
             dv = torch.bmm(p_pre[:, None, :], dz_below.transpose(1, 2)).squeeze(1) \
                 + torch.mul(dz_below, r, out=ws.get("b", r.shape, d)).sum(-1)
         v_r = torch.bmm(s.p_vw(k)[:, None, :], dz.transpose(1, 2)).squeeze(1)
-        return v_r + dv - _softplus_change_sum(r.add_(s.log_sig(k)[0]), s, k)
+        return v_r + dv - _softplus_change_sum(r.add_(s.log_sig(k)[0]), s, k, ws)
     p_logits = p_net.tail(r.add_(p_pre[:, None, :]))              # [B, c, H_{k-1}]
     vdot = torch.mul(p_logits, s.below[k - 1][:, None, :], out=ws.get("b", p_logits.shape, d)).sum(-1)
     if dz_below is None:

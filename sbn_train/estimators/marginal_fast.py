@@ -37,12 +37,19 @@ from ..models import SBN, bernoulli_entropy, bernoulli_log_prob, logit_of_unifor
 
 class Workspace:
     """Scratch buffers reused across chunks and steps: fresh multi-megabyte temporaries for every
-    chunk cost page faults that, on a CPU, take as long as the arithmetic."""
+    chunk cost page faults that, on a CPU, take as long as the arithmetic.
 
-    def __init__(self):
+    ``reuse=False``: no scratch at all (``get`` returns None and every operation allocates its result), for
+    a pass under ``torch.func.vmap`` (a replica group), where results cannot be written into unbatched
+    buffers. Only the device route takes such a workspace."""
+
+    def __init__(self, reuse: bool = True):
+        self.reuse = reuse
         self._bufs: dict[str, Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+        if not self.reuse:
+            return None
         n = 1
         for s in shape:
             n *= s
@@ -143,8 +150,8 @@ def _softplus_shift_sum(s: Tensor, one_minus_s: Tensor, e: Tensor, group: int) -
 
 def _entropy_sum(a: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
     """sum_j H(Bernoulli(sigmoid(a_j))): with s = sigmoid(|a|), H = -log(s) + |a| (1 - s)."""
-    torch.abs(a, out=t1)
-    torch.sigmoid(t1, out=t2)
+    t1 = torch.abs(a, out=t1)
+    t2 = torch.sigmoid(t1, out=t2)
     h = t1.sum(-1)
     h.sub_(t1.mul_(t2).sum(-1))
     return h.sub_(_sum_log(t2, _uniform_group(t2.shape[-1], _LOG2, t2.dtype)))
@@ -353,6 +360,8 @@ def flip_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
     chunk and step to step. ``route``: "auto", "cpu" or "device" (None: :data:`ROUTE`).
     """
     ws = workspace or _WORKSPACE
+    if not ws.reuse and not on_device_route(x, route):
+        raise ValueError("a workspace without scratch (reuse=False) needs the device route")
     if on_device_route(x, route):
         from .marginal_device import flip_deltas_device   # imports this module
         bound = DEVICE_MAX_ELEMENTS if max_elements is None else max_elements

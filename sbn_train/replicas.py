@@ -1,0 +1,282 @@
+"""A replica group: R runs of one configuration trained in one process, every kernel doing the work of all R.
+
+The replicas share everything that fixes the shape of the computation (model, estimator and its options,
+dataset, batch size, optimizer kind and its constants) and differ in what a sweep varies per run: the seed
+(initialization, minibatch order, binarization and estimator noise), the learning rate and the weight decay.
+
+Layout. Every parameter, buffer and optimizer statistic of the R runs is one stacked tensor with a leading
+replica dimension ``[R, ...]`` (:attr:`ReplicaGroup.params`, ``buffers``, ``opt_state``). Each replica is still
+an ordinary :class:`~sbn_train.state.TrainState` whose modules' parameters and buffers, and whose optimizers'
+statistics, are *views* of row r of those stacks: evaluation, the variance probe, checkpoints, best models and
+results.json work on a replica exactly as on a standalone run, and a replica's checkpoint is a standalone
+checkpoint (a group resumes by loading each replica's checkpoint and stacking them again).
+
+The step. Each replica draws its minibatch and then its estimator's uniforms from its own generator, in the
+order the standalone run draws them (the uniforms are drawn in advance and handed to the estimator on a
+:class:`~sbn_train.models.UniformTape`; :class:`~sbn_train.models.DrawRecorder` learns which draws a step
+makes). The estimator then runs once for all replicas under ``torch.func.vmap``: activations are ``[R, B, H]``,
+a linear map is a batched matrix product, the surrogate and the auxiliary loss are per replica, and each
+replica's gradient is the gradient of its own surrogate (``torch.func.vjp``, one forward and one backward per
+loss). Estimator state (moving averages) is per replica: the buffers are stacked like the parameters. The
+update is a functional RMSprop or Adam with per-replica learning rates and weight decays ``[R, 1, ...]``,
+element by element the arithmetic of ``torch.optim`` (checked against it in float64).
+
+The flip passes of ``marginal`` and ``leg`` take their device route here (it reads nothing back to the host,
+as a vmapped function must not) with a workspace without scratch (results cannot be written into unbatched
+buffers under vmap).
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from .estimators.marginal_fast import Workspace
+from .models import DrawRecorder, UniformTape
+
+#: optimizer statistics stacked per parameter, by optimizer class
+_STATE_KEYS = {"RMSprop": ("square_avg",), "Adam": ("exp_avg", "exp_avg_sq")}
+
+
+class GroupError(ValueError):
+    """Runs that cannot share a replica group (the message says which setting differs)."""
+
+
+class _Pair(nn.Module):
+    """The model and the estimator as one module, so that ``functional_call`` can swap in one replica's
+    parameters and buffers for both."""
+
+    def __init__(self, model: nn.Module, estimator: nn.Module):
+        super().__init__()
+        self.model, self.estimator = model, estimator
+
+    def forward(self, x: Tensor, draws: list[Tensor]):
+        out = self.estimator(self.model, x, UniformTape(draws))
+        aux = out.aux_loss if out.aux_loss is not None else out.surrogate.new_zeros(())
+        return out.surrogate, aux, out.elbo, dict(out.metrics)
+
+
+def _set_tensor(root: nn.Module, name: str, value: Tensor, parameter: bool) -> None:
+    prefix, _, leaf = name.rpartition(".")
+    module = root.get_submodule(prefix) if prefix else root
+    if parameter:
+        module._parameters[leaf] = value
+    else:
+        module._buffers[leaf] = value
+
+
+def _optimizer_kind(opt: torch.optim.Optimizer) -> str:
+    kind = type(opt).__name__
+    if kind not in _STATE_KEYS:
+        raise GroupError(f"a replica group supports RMSprop and Adam, not {kind}")
+    return kind
+
+
+def _constants(opt: torch.optim.Optimizer) -> tuple:
+    """The optimizer settings every replica of a group must share (all but lr and weight_decay)."""
+    g = opt.param_groups[0]
+    return tuple(sorted((k, v) for k, v in g.items() if k not in ("params", "lr", "weight_decay")
+                        and isinstance(v, (int, float, bool, tuple, str, type(None)))))
+
+
+class _StackedOptimizer:
+    """The optimizer statistics of the R replicas' optimizers over one list of parameters, stacked, and the
+    per-replica learning rates and weight decays; :meth:`step` updates the stacked parameters in place."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer], old_params: list[list[nn.Parameter]],
+                 new_params: list[list[nn.Parameter]], stacked: list[Tensor]):
+        self.kind = _optimizer_kind(opts[0])
+        if any(_optimizer_kind(o) != self.kind or _constants(o) != _constants(opts[0]) for o in opts):
+            raise GroupError("the replicas of a group must share the optimizer and its settings "
+                             "(all but optim.lr and optim.weight_decay)")
+        group = opts[0].param_groups[0]
+        self.alpha, self.eps = group.get("alpha"), group["eps"]
+        self.betas = group.get("betas")
+        if group.get("momentum", 0) or group.get("centered", False) or group.get("amsgrad", False) \
+                or group.get("maximize", False):
+            raise GroupError("a replica group supports plain RMSprop and Adam (no momentum, centered, amsgrad "
+                             "or maximize)")
+        device = stacked[0].device if stacked else torch.device("cpu")
+        self.params = stacked
+        self.lr = torch.tensor([float(o.param_groups[0]["lr"]) for o in opts], dtype=torch.float64, device=device)
+        self.wd = torch.tensor([float(o.param_groups[0]["weight_decay"]) for o in opts], dtype=torch.float64,
+                               device=device)
+        keys = _STATE_KEYS[self.kind]
+        self.state: list[dict[str, Tensor]] = []
+        for i, p in enumerate(stacked):
+            entry = {}
+            for key in keys:
+                entry[key] = torch.stack([o.state[old[i]][key].detach() if old[i] in o.state
+                                          else torch.zeros_like(p[0]) for o, old in zip(opts, old_params)])
+            steps = [o.state[old[i]]["step"] if old[i] in o.state else None for o, old in zip(opts, old_params)]
+            like = next((s for s in steps if s is not None), torch.tensor(0.0))
+            entry["step"] = torch.stack([(s if s is not None else torch.zeros_like(like)).detach().clone()
+                                         for s in steps])
+            self.state.append(entry)
+        # each replica's optimizer now holds views of the stacks
+        for r, (opt, params) in enumerate(zip(opts, new_params)):
+            opt.param_groups[0]["params"] = list(params)
+            opt.state = defaultdict(dict, {p: {k: v[r] for k, v in self.state[i].items()}
+                                           for i, p in enumerate(params)})
+
+    def _per_replica(self, v: Tensor, like: Tensor) -> Tensor:
+        return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor]) -> None:
+        for p, g, st in zip(self.params, grads, self.state):
+            lr, wd = self._per_replica(self.lr, p), self._per_replica(self.wd, p)
+            g = g + wd * p
+            st["step"].add_(1)
+            if self.kind == "RMSprop":
+                sq = st["square_avg"]
+                sq.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
+                p.sub_(lr * (g / sq.sqrt().add_(self.eps)))
+            else:
+                beta1, beta2 = self.betas
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                step = self._per_replica(st["step"], p)
+                bc1 = 1 - torch.pow(torch.full_like(step, beta1), step)
+                bc2 = 1 - torch.pow(torch.full_like(step, beta2), step)
+                denom = (v.sqrt() / bc2.sqrt()).add_(self.eps)
+                p.sub_((lr / bc1) * (m / denom))
+
+
+class ReplicaGroup:
+    """R :class:`~sbn_train.state.TrainState` s stepped as one (see the module docstring). The states keep
+    working on their own (evaluation, checkpoints); their tensors become views of the group's stacks."""
+
+    def __init__(self, states: list):
+        if not states:
+            raise GroupError("a replica group needs at least one run")
+        self.states = list(states)
+        first = states[0]
+        self.batch_size = first.sampler.batch_size
+        if any(s.sampler.batch_size != self.batch_size for s in states):
+            raise GroupError("the replicas of a group must share train.batch_size")
+        self.device = first.device
+        template = _Pair(copy.deepcopy(first.model), copy.deepcopy(first.estimator))
+        for est in (template.estimator,):
+            if hasattr(est, "route"):
+                est.route = "device"
+            if isinstance(getattr(est, "workspace", None), Workspace):
+                est.workspace = Workspace(reuse=False)
+        self.template = template
+        pairs = [_Pair(s.model, s.estimator) for s in states]
+        names = [n for n, _ in pairs[0].named_parameters()]
+        shapes = {n: tuple(p.shape) for n, p in pairs[0].named_parameters()}
+        for pair in pairs[1:]:
+            if {n: tuple(p.shape) for n, p in pair.named_parameters()} != shapes:
+                raise GroupError("the replicas of a group must share the model and the estimator")
+        trainable_est = {id(p) for s in states for p in s.est_params}
+        self.model_names = [n for n in names if n.startswith("model.")]
+        self.est_names = [n for n, p in pairs[0].named_parameters() if n.startswith("estimator.")
+                          and id(p) in trainable_est]
+        frozen = [n for n in names if n not in self.model_names and n not in self.est_names]
+        buffer_names = [n for n, _ in pairs[0].named_buffers()]
+        old_model = [list(s.model.parameters()) for s in states]
+        old_est = [list(s.est_params) for s in states]
+        self.params: dict[str, Tensor] = {}
+        for n in self.model_names + self.est_names:
+            self.params[n] = torch.stack([dict(p.named_parameters())[n].detach() for p in pairs])
+        self.frozen = {n: torch.stack([dict(p.named_parameters())[n].detach() for p in pairs]) for n in frozen}
+        self.buffers = {n: torch.stack([dict(p.named_buffers())[n] for p in pairs]) for n in buffer_names}
+        for r, pair in enumerate(pairs):               # rebind: the replica's tensors are views of row r
+            for n in self.model_names + self.est_names:
+                _set_tensor(pair, n, nn.Parameter(self.params[n][r]), parameter=True)
+            for n in frozen:
+                _set_tensor(pair, n, nn.Parameter(self.frozen[n][r], requires_grad=False), parameter=True)
+            for n in buffer_names:
+                _set_tensor(pair, n, self.buffers[n][r], parameter=False)
+        new_model = [list(s.model.parameters()) for s in states]
+        for s in states:
+            s.est_params = [p for p in s.estimator.parameters() if p.requires_grad]
+        new_est = [list(s.est_params) for s in states]
+        self.model_opt = _StackedOptimizer([s.model_opt for s in states], old_model, new_model,
+                                           [self.params[n] for n in self.model_names])
+        self.est_opt = None
+        if self.est_names:
+            if any(s.est_opt is None for s in states):
+                raise GroupError("every replica of a group needs the estimator's optimizer")
+            self.est_opt = _StackedOptimizer([s.est_opt for s in states], old_est, new_est,
+                                             [self.params[n] for n in self.est_names])
+        self.elbo_sum = torch.stack([s.elbo_sum.detach().reshape(()) for s in states]).clone()
+        for r, s in enumerate(states):
+            s.elbo_sum = self.elbo_sum[r]
+        self.draw_batches = self._record_draws()
+        self._grads = vmap(self._replica_grads)
+        self.last_metrics: dict[str, Tensor] = {}
+
+    @property
+    def size(self) -> int:
+        return len(self.states)
+
+    def _record_draws(self) -> list[int]:
+        """The batch sizes of the estimator's ``draw_uniforms`` calls in one step (from a throwaway copy, on
+        zeros, with a throwaway generator: nothing of the replicas changes)."""
+        first = self.states[0]
+        model, est = copy.deepcopy(first.model), copy.deepcopy(first.estimator)
+        est.eval()
+        recorder = DrawRecorder(torch.Generator(device=self.device).manual_seed(0))
+        x = torch.zeros(self.batch_size, first.sampler.data.shape[1], device=self.device,
+                        dtype=first.model.prior_logits.dtype)
+        out = est(model, x, recorder)
+        del out
+        return list(recorder.batches)
+
+    def draw(self) -> tuple[Tensor, list[Tensor]]:
+        """Each replica's minibatch, then its uniforms, from its own generator (the standalone run's order):
+        ``[R, B, D]`` and, per draw and layer, ``[R, n, H_l]``."""
+        xs, draws = [], []
+        for s in self.states:
+            dtype = s.model.prior_logits.dtype
+            xs.append(s.sampler.next().to(dtype))
+            mine = []
+            for n in self.draw_batches:
+                mine += s.model.draw_uniforms(n, s.generator, self.device, dtype)
+            draws.append(mine)
+        return torch.stack(xs), [torch.stack(col) for col in zip(*draws)]
+
+    def _replica_grads(self, params: dict, frozen: dict, buffers: dict, x: Tensor, draws: list[Tensor]):
+        model_p = {n: params[n] for n in self.model_names}
+        est_p = {n: params[n] for n in self.est_names}
+
+        def losses(mp, ep):
+            # the estimator updates its state (moving averages) in place: on copies made inside the
+            # transform, returned and written back to the stacks by the caller
+            state = {n: b.clone() for n, b in buffers.items()}
+            surrogate, aux, elbo, metrics = functional_call(self.template, {**mp, **ep, **frozen, **state},
+                                                            (x, draws))
+            return (surrogate, aux), (elbo.detach(), {k: v.detach() for k, v in metrics.items()}, state)
+
+        (surrogate, aux), pullback, (elbo, metrics, state) = vjp(losses, model_p, est_p, has_aux=True)
+        one, zero = torch.ones_like(surrogate), torch.zeros_like(surrogate)
+        g_model, _ = pullback((one, zero))
+        g_est = pullback((zero, one))[1] if self.est_names else {}
+        return g_model, g_est, elbo, metrics, state
+
+    def step(self) -> None:
+        """One update of every replica (minibatch, uniforms, estimate, gradients, optimizers, running ELBO)."""
+        self.template.train()
+        xs, draws = self.draw()
+        g_model, g_est, elbo, metrics, state = self._grads(self.params, self.frozen, self.buffers, xs, draws)
+        with torch.no_grad():
+            for n, b in self.buffers.items():
+                b.copy_(state[n])
+        self.model_opt.step([g_model[n] for n in self.model_names])
+        if self.est_opt is not None:
+            self.est_opt.step([g_est[n] for n in self.est_names])
+        with torch.no_grad():
+            self.elbo_sum += elbo.mean(-1)
+        for s in self.states:
+            s.elbo_n += 1
+        self.last_metrics = metrics
+
+    def replica_metrics(self, r: int) -> dict[str, Tensor]:
+        """Replica r's estimator metrics of the last step (0-dim device tensors, as a standalone step's)."""
+        return {k: v[r] for k, v in self.last_metrics.items()}
