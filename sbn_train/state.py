@@ -64,9 +64,23 @@ def write_atomic(path: Path, write: Callable[[Path], None], fault: tuple[str, in
             pass
 
 
+def compact(obj: Any) -> Any:
+    """``obj`` with every tensor that is a view into a larger storage (a replica's row of a group's stacks)
+    copied out: ``torch.save`` writes a tensor's whole storage, so a replica's checkpoint would otherwise
+    hold every replica's tensors."""
+    if isinstance(obj, dict):
+        return {k: compact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(compact(v) for v in obj)
+    if torch.is_tensor(obj) and obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+        return obj.clone()
+    return obj
+
+
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` through :func:`write_atomic`."""
+    """``torch.save`` through :func:`write_atomic` (views copied out: :func:`compact`)."""
     step = int(obj.get("step", -1)) if isinstance(obj, dict) else -1
+    obj = compact(obj)
     write_atomic(path, lambda tmp: torch.save(obj, tmp), ("checkpoint", step))
 
 

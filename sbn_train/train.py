@@ -266,6 +266,18 @@ def train_loop(ctx: Context, step_fn, jobs: list[Job], max_steps: int, stop: Sto
             last_save = time.monotonic()
 
 
+@dataclass
+class RunSpec:
+    """One run of a group: what :func:`run` takes."""
+    model: SBN
+    estimator: Estimator
+    splits: Splits
+    settings: RunSettings
+    out_dir: Path
+    hparams: dict[str, Any] | None = None
+    config: dict | None = None
+
+
 def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings, out_dir: str | Path,
         hparams: dict[str, Any] | None = None, config: dict | None = None) -> RunResult:
     """Train ``model`` with ``estimator``, log to TensorBoard in ``out_dir``, then test the best model
@@ -274,76 +286,257 @@ def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings,
     ``config`` (the composed config as a plain dict) is recorded in the checkpoint; a resume whose config
     differs in a key that changes the trajectory is refused. The folder is locked for the whole run.
     Raises :class:`Stopped` after saving when a stop signal arrives."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = RunLock(out_dir).acquire()
-    except FolderBusy as e:
-        raise RunError(str(e)) from None
-    try:
-        with StopSignals() as stop:
-            return _run_locked(model, estimator, splits, settings, out_dir, hparams, config, stop)
-    finally:
-        lock.release()
+    result = run_group([RunSpec(model, estimator, splits, settings, Path(out_dir), hparams, config)])[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
-def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, hparams, config,
-                stop: StopSignals) -> RunResult:
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+class RunSession:
+    """One run's folder, lock, state, jobs, TensorBoard writer and progress bar: everything :func:`run` does
+    around the steps, in phases, so that a replica group can drive R of them with one step."""
 
-    tr = settings.train
-    resume_from = prepare_folder(out_dir, tr)
-    (out_dir / FAILED).unlink(missing_ok=True)
-    done = finished_result(out_dir, tr) if resume_from is not None else None
-    if done is not None:
-        log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
-        return done
+    def __init__(self, spec: RunSpec):
+        self.spec, self.out_dir = spec, Path(spec.out_dir)
+        self.lock: RunLock | None = None
+        self.ctx: Context | None = None
+        self.writer = self.bar = None
+        self.jobs: list[Job] = []
 
-    state = TrainState.create(model, estimator, splits.train, tr.batch_size, settings.optim, settings.seed)
-    state.config = trajectory_config(config) if config else {}
-    if resume_from is not None:
-        state.load(resume_from)
-        log.info("resumed from %s at step %d", resume_from, state.step)
-    step_fn = make_step(state, tr.cuda_graph)
-    jobs = make_jobs(settings, splits)
-    # a resume drops what the killed run logged after its checkpoint (and the pending jobs' own step)
-    purge = (state.step if state.jobs_pending else state.step + 1) if state.step else None
-    writer = SummaryWriter(str(out_dir), purge_step=purge)
-    bar = tqdm(total=tr.max_steps, initial=state.step, disable=not tr.progress, dynamic_ncols=True,
-               desc=out_dir.name[:40])
-    ctx = Context(state=state, step_fn=step_fn, writer=writer, out_dir=out_dir, clock=StepClock(), bar=bar)
-    try:
+    @property
+    def state(self) -> TrainState:
+        return self.ctx.state
+
+    def open(self) -> RunResult | None:
+        """Lock the folder and load or create the state; the stored result of a finished run, else None."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        spec, tr, out_dir = self.spec, self.spec.settings.train, self.out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = RunLock(out_dir).acquire()
+        except FolderBusy as e:
+            raise RunError(str(e)) from None
+        resume_from = prepare_folder(out_dir, tr)
+        (out_dir / FAILED).unlink(missing_ok=True)
+        done = finished_result(out_dir, tr) if resume_from is not None else None
+        if done is not None:
+            log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
+            return done
+        state = TrainState.create(spec.model, spec.estimator, spec.splits.train, tr.batch_size,
+                                  spec.settings.optim, spec.settings.seed)
+        state.config = trajectory_config(spec.config) if spec.config else {}
+        if resume_from is not None:
+            state.load(resume_from)
+            log.info("resumed from %s at step %d", resume_from, state.step)
+        self.jobs = make_jobs(spec.settings, spec.splits)
+        # a resume drops what the killed run logged after its checkpoint (and the pending jobs' own step)
+        purge = (state.step if state.jobs_pending else state.step + 1) if state.step else None
+        self.writer = SummaryWriter(str(out_dir), purge_step=purge)
+        self.bar = tqdm(total=tr.max_steps, initial=state.step, disable=not tr.progress, dynamic_ncols=True,
+                        desc=out_dir.name[:40])
+        self.ctx = Context(state=state, step_fn=None, writer=self.writer, out_dir=out_dir, clock=StepClock(),
+                           bar=self.bar)
+        return None
+
+    def start(self, step_fn) -> None:
+        """The step the jobs read (running ELBO, metrics); at step 0 the first measurements and charts."""
+        ctx, spec, state = self.ctx, self.spec, self.state
+        ctx.step_fn = step_fn
         if state.step == 0:
-            state.first_elbo = initial_elbo(model, splits.valid, settings.eval.seed)
-            tb.log_layout(writer, n_layers=model.n_layers, views=logged_views(model, settings.variance),
-                          iwae=settings.eval.iwae_k > 0)
-            for job in jobs:
+            state.first_elbo = initial_elbo(state.model, spec.splits.valid, spec.settings.eval.seed)
+            tb.log_layout(self.writer, n_layers=state.model.n_layers,
+                          views=logged_views(state.model, spec.settings.variance),
+                          iwae=spec.settings.eval.iwae_k > 0)
+            for job in self.jobs:
                 if isinstance(job, Images):
                     job.first(ctx)
-        train_loop(ctx, step_fn, jobs, tr.max_steps, stop, 60.0 * tr.checkpoint_minutes)
-        bar.close()
+        state.estimator.train()
+
+    def finish(self, stop: StopSignals) -> RunResult:
+        """The final test of the best model and results.json."""
+        ctx, state, settings = self.ctx, self.state, self.spec.settings
+        self.bar.close()
         metrics = state.metrics
         metrics["best/valid"] = state.best
         metrics["best/step"] = state.best_step
         if settings.test is not None and settings.test.enabled:
             try:
                 with stop.interruptible():
-                    metrics.update(_test_best_model(ctx, splits, settings.test, tr.progress))
+                    metrics.update(_test_best_model(ctx, self.spec.splits, settings.test, settings.train.progress))
             except Interrupted:
                 stop.chain()                  # e.g. a scheduler's requeue handler
                 raise Stopped(stop.signum, state.step) from None
         with stop.shielded():
-            _write_results(out_dir, {"step": state.step, "status": "finished", "metrics": metrics,
-                                     "hparams": hparams or {}})
+            _write_results(self.out_dir, {"step": state.step, "status": "finished", "metrics": metrics,
+                                          "hparams": self.spec.hparams or {}})
             ctx.write({k: v for k, v in metrics.items() if k.startswith("test/") and registry.lookup(k).scalar},
                       state.step)
-            if hparams:
-                tb.log_hparams(writer, hparams, registry.hparam_tags(metrics))
+            if self.spec.hparams:
+                tb.log_hparams(self.writer, self.spec.hparams, registry.hparam_tags(metrics))
+        return RunResult(step=state.step, metrics=metrics, out_dir=str(self.out_dir))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def run_group(specs: list[RunSpec]) -> list[RunResult | BaseException]:
+    """Train the runs of ``specs`` together: one run is :func:`run`'s ordinary loop; two or more share one
+    :class:`~sbn_train.replicas.ReplicaGroup` step (they must share the model, estimator, data, batch size
+    and optimizer kind; seeds, learning rates and weight decays may differ). Each run keeps its own folder,
+    jobs, checkpoints and results.json. A run that fails (divergence, a bad folder) gets its error as its
+    result, and the others go on; a stop signal saves every run and raises :class:`Stopped`."""
+    sessions = [RunSession(spec) for spec in specs]
+    results: list[RunResult | BaseException | None] = [None] * len(specs)
+    try:
+        with StopSignals() as stop:
+            live = []
+            for i, session in enumerate(sessions):
+                try:
+                    done = session.open()
+                except RunError as e:
+                    results[i] = e
+                    session.close()
+                    continue
+                if done is not None:
+                    results[i] = done
+                    session.close()
+                else:
+                    live.append(i)
+            if len(specs) == 1 and live:
+                session = sessions[0]
+                session.start(make_step(session.state, session.spec.settings.train.cuda_graph))
+                tr = session.spec.settings.train
+                train_loop(session.ctx, session.ctx.step_fn, session.jobs, tr.max_steps, stop,
+                           60.0 * tr.checkpoint_minutes)
+                results[0] = session.finish(stop)
+            elif live:
+                _group_loop([sessions[i] for i in live], stop, results, live)
     finally:
-        bar.close()
-        writer.close()
-    return RunResult(step=state.step, metrics=metrics, out_dir=str(out_dir))
+        for session in sessions:
+            session.close()
+    return results
+
+
+class _ReplicaStep:
+    """What a replica's jobs read from "the step": its running ELBO and its estimator metrics of the last
+    group step. ``holder[0]`` is the current group (rebuilt when a run leaves it)."""
+
+    take_running_elbo = TrainStep.take_running_elbo
+
+    def __init__(self, holder: list, state: TrainState):
+        self.holder, self.state = holder, state
+
+    @property
+    def last_metrics(self) -> dict:
+        group = self.holder[0]
+        return group.replica_metrics(group.states.index(self.state)) if group is not None else {}
+
+
+def _write_failed(out_dir: Path, error: BaseException) -> None:
+    text = json.dumps({"error": f"{type(error).__name__}: {error}"}, indent=2)
+    try:
+        write_atomic(out_dir / FAILED, lambda tmp: tmp.write_text(text))
+    except RunError as e:
+        log.warning("could not record the failure of %s: %s", out_dir, e)
+
+
+def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index: list[int]) -> None:
+    """The replica group's loop: one group step, then each run's jobs; runs leave the group when they
+    finish or fail (the group is rebuilt from the others), and a stop signal saves every run."""
+    from .replicas import ReplicaGroup
+
+    slot = {id(s): i for s, i in zip(live, index)}
+    holder: list = [None]
+    for s in live:
+        s.start(_ReplicaStep(holder, s.state))
+
+    def leave(session: RunSession, outcome) -> None:
+        results[slot[id(session)]] = outcome
+        if isinstance(outcome, BaseException):
+            log.error("%s: %s", session.out_dir, outcome)
+            _write_failed(session.out_dir, outcome)
+        session.close()
+        live.remove(session)
+
+    def due(session: RunSession, step: int) -> list[Job]:
+        return [j for j in session.jobs if j.due(step, session.spec.settings.train.max_steps)]
+
+    def save_all_and_stop() -> None:
+        with stop.shielded():
+            for session in live:
+                session.state.save(session.out_dir / CHECKPOINT)
+                session.writer.flush()
+        stop.chain()
+        raise Stopped(stop.signum, max((session.state.step for session in live), default=0))
+
+    def run_jobs(sessions: list[RunSession]) -> None:
+        for k, session in enumerate(list(sessions)):
+            state = session.state
+            jobs = due(session, state.step)
+            if not jobs:
+                continue
+            before = (state.elbo_sum.clone(), state.elbo_n, state.best, state.best_step, dict(state.metrics))
+            try:
+                with stop.interruptible():
+                    for job in jobs:
+                        job(session.ctx, state.step)
+            except Interrupted:
+                state.elbo_sum.copy_(before[0])
+                state.elbo_n, state.best, state.best_step, state.metrics = before[1:]
+                state.jobs_pending = True
+                for later in sessions[k + 1:]:
+                    if later in live and due(later, later.state.step):
+                        later.state.jobs_pending = True
+                save_all_and_stop()
+            except RunError as e:             # e.g. this run diverged: it stops alone
+                leave(session, e)
+
+    pending = [s for s in live if s.state.jobs_pending]
+    for s in pending:
+        s.state.jobs_pending = False
+    run_jobs(pending)
+    last_save = time.monotonic()
+    group = None
+    while live:
+        for session in [s for s in live if s.state.step >= s.spec.settings.train.max_steps]:
+            try:
+                leave(session, session.finish(stop))
+            except RunError as e:
+                leave(session, e)
+            except Stopped:                   # during its final test: the others save, then all stop
+                session.close()
+                live.remove(session)
+                save_all_and_stop()
+            group = None
+        if not live:
+            break
+        if group is None or group.states != [s.state for s in live]:
+            group = holder[0] = ReplicaGroup([s.state for s in live])
+        group.step()
+        for session in live:
+            session.state.step += 1
+            session.ctx.clock.tick()
+            session.bar.update(1)
+        before = list(live)
+        run_jobs(list(live))
+        if live != before:
+            group = None
+        if stop.requested:
+            save_all_and_stop()
+        seconds = min(60.0 * s.spec.settings.train.checkpoint_minutes for s in live) if live else 0
+        if seconds and time.monotonic() - last_save > seconds:
+            with stop.shielded():
+                for session in live:
+                    session.state.save(session.out_dir / CHECKPOINT)
+            last_save = time.monotonic()
 
 
 def _test_best_model(ctx: Context, splits: Splits, cfg: TestConfig, show: bool) -> dict:

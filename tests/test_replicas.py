@@ -104,3 +104,81 @@ def test_group_refuses_runs_that_cannot_share_it():
     b = _state("nvil", 1, 1e-3, 0.0, optim="adam")
     with pytest.raises(GroupError, match="optimizer"):
         ReplicaGroup([a, b])
+
+
+# ----- the group loop: R ordinary runs, each in its own folder ---------------------------------------------
+from sbn_train.config import EvalConfig, TestConfig, TrainConfig, VarianceConfig  # noqa: E402
+from sbn_train.data import load_dataset  # noqa: E402
+from sbn_train.train import RunSettings, RunSpec, run, run_group  # noqa: E402
+
+
+def _spec(tmp_path, name: str, seed: int, lr: float, max_steps: int = 20, divergence: float = 1.0) -> RunSpec:
+    splits = load_dataset("synthetic", "", x_dim=12, latent_sizes=[3, 3], n_train=120, n_valid=40, n_test=40)
+    for split in ("train", "valid", "test"):
+        setattr(splits, split, getattr(splits, split).double())
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(seed)
+        model = SBN(12, [3, 3], x_mean=splits.train.mean(0))
+        est = build_estimator(name, model)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    settings = RunSettings(
+        train=TrainConfig(batch_size=10, max_steps=max_steps, eval_every=10, log_every=5, progress=False,
+                          divergence_nats=divergence),
+        optim=OptimConfig(lr=lr), eval=EvalConfig(batch_size=40, iwae_k=5, images=0),
+        variance=VarianceConfig(every=10, samples=3), test=TestConfig(elbo_samples=3, iwae_k=10), seed=seed)
+    return RunSpec(model, est, splits, settings, tmp_path / f"{name}-seed{seed}-lr{lr}",
+                   hparams={"lr": lr, "seed": seed})
+
+
+def _results(path) -> dict:
+    import json
+    return json.loads((path / "results.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["nvil", "marginal"])
+def test_group_runs_equal_standalone_runs(tmp_path, name):
+    """Three runs as one group and the same three one at a time: every results.json metric (evaluations,
+    variance probe, final test) agrees to 1e-8 relative, and each run has its own folder and events."""
+    runs = [(0, 3e-3), (1, 1e-2), (2, 1e-3)]
+    grouped = run_group([_spec(tmp_path / "group", name, s, lr) for s, lr in runs])
+    assert all(not isinstance(r, BaseException) for r in grouped)
+    for s, lr in runs:
+        alone = run(*[getattr(_spec(tmp_path / "alone", name, s, lr), f) for f in
+                      ("model", "estimator", "splits", "settings", "out_dir", "hparams")])
+        g = _results(tmp_path / "group" / f"{name}-seed{s}-lr{lr}")
+        a = _results(tmp_path / "alone" / f"{name}-seed{s}-lr{lr}")
+        assert a["step"] == g["step"] == 20 and a["hparams"] == g["hparams"]
+        keys = [k for k in a["metrics"] if not k.startswith("perf/")]
+        assert keys == [k for k in g["metrics"] if not k.startswith("perf/")]
+        for k in keys:
+            assert g["metrics"][k] == pytest.approx(a["metrics"][k], rel=1e-8, abs=1e-10), k
+        assert list((tmp_path / "group" / f"{name}-seed{s}-lr{lr}").glob("events.out.tfevents.*"))
+        assert alone.step == 20
+
+
+def test_a_diverging_replica_stops_alone(tmp_path):
+    """lr = 50 diverges (non-finite or far below the start); it gets failed.json, the others finish."""
+    specs = [_spec(tmp_path, "reinforce", 0, 3e-3), _spec(tmp_path, "reinforce", 1, 50.0),
+             _spec(tmp_path, "reinforce", 2, 1e-3)]
+    out = run_group(specs)
+    assert isinstance(out[1], Exception) and "diverged" in str(out[1])
+    assert (specs[1].out_dir / "failed.json").exists() and not (specs[1].out_dir / "results.json").exists()
+    for i in (0, 2):
+        assert not isinstance(out[i], BaseException)
+        assert _results(specs[i].out_dir)["step"] == 20
+
+
+def test_group_checkpoint_is_a_standalone_checkpoint(tmp_path):
+    """A replica's checkpoint holds its own tensors only (not its group's stacks) and loads as a run's."""
+    specs = [_spec(tmp_path, "nvil", s, 3e-3, max_steps=10) for s in (0, 1, 2)]
+    run_group(specs)
+    ck = torch.load(specs[1].out_dir / "checkpoint.pt", weights_only=True)
+    w = ck["model"]["q_nets.0.first.weight"]
+    assert w.untyped_storage().nbytes() == w.numel() * w.element_size()
+    alone = _spec(tmp_path / "alone", "nvil", 1, 3e-3, max_steps=10)
+    run(alone.model, alone.estimator, alone.splits, alone.settings, alone.out_dir)
+    ref = torch.load(alone.out_dir / "checkpoint.pt", weights_only=True)
+    for k in ref["model"]:
+        assert torch.allclose(ck["model"][k], ref["model"][k], rtol=1e-10, atol=1e-12), k
