@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from . import launch  # noqa: E402
+from . import groups, launch  # noqa: E402
 from .config import Config, register_configs, validate  # noqa: E402
 from .launcher import MAIN_PID_ENV  # noqa: E402
 from .paths import config_dir  # noqa: E402
@@ -45,22 +45,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main_task(cfg: DictConfig) -> dict:
-    from .launcher import setup_job
-    setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
+def job_spec(cfg: DictConfig, data_cache: dict | None = None):
+    """The :class:`~sbn_train.train.RunSpec` of the job Hydra is running (typed settings, data, model and
+    estimator); ``data_cache`` shares the loaded splits between the jobs of a replica group."""
     from .estimators import estimator_from_config
     from .models import SBN
-    from .train import RunSettings, run
+    from .train import RunSettings, RunSpec
 
     typed: Config = OmegaConf.to_object(cfg)
     validate(typed)
     device = resolve_device(typed.device)
     choices = HydraConfig.get().runtime.choices
     out_dir = HydraConfig.get().runtime.output_dir
+    options = OmegaConf.to_container(cfg.dataset, resolve=True)
+    key = (json.dumps(options, sort_keys=True, default=str), str(device))
+    if data_cache is not None and key in data_cache:
+        splits = data_cache[key]
+    else:
+        splits = load_data(options)
+        splits.train, splits.valid, splits.test = (splits.train.to(device), splits.valid.to(device),
+                                                   splits.test.to(device))
+        if data_cache is not None:
+            data_cache[key] = splits
     torch.manual_seed(typed.seed)
-    splits = load_data(OmegaConf.to_container(cfg.dataset, resolve=True))
-    train = splits.train.to(device)
-    splits.train, splits.valid, splits.test = train, splits.valid.to(device), splits.test.to(device)
+    train = splits.train
     model = SBN(train.shape[1], typed.model.latent_sizes, typed.model.n_hidden, x_mean=train.mean(0)).to(device)
     estimator = estimator_from_config(OmegaConf.to_container(cfg.estimator, resolve=True), model).to(device)
     hparams = {"estimator": choices.get("estimator"), "model": choices.get("model"),
@@ -69,11 +77,21 @@ def main_task(cfg: DictConfig) -> dict:
                "weight_decay": typed.optim.weight_decay, "batch_size": typed.train.batch_size,
                "max_steps": typed.train.max_steps, "latent_sizes": str(typed.model.latent_sizes),
                "n_hidden": typed.model.n_hidden, "seed": typed.seed}
-    log.info("run folder: %s", out_dir)
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)
     config = {**OmegaConf.to_container(cfg, resolve=True), "estimator_choice": choices.get("estimator")}
-    result = run(model, estimator, splits, settings, out_dir, hparams, config=config)
+    return RunSpec(model, estimator, splits, settings, Path(out_dir), hparams, config)
+
+
+def main_task(cfg: DictConfig) -> dict:
+    from .launcher import setup_job
+    setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
+    from .train import run
+
+    spec = job_spec(cfg)
+    log.info("run folder: %s", spec.out_dir)
+    result = run(spec.model, spec.estimator, spec.splits, spec.settings, spec.out_dir, spec.hparams,
+                 config=spec.config)
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics
@@ -105,6 +123,7 @@ def main() -> None:
     error: BaseException | None = None
     try:
         hydra_main()
+        groups.run_deferred(resume_args=sys.argv[1:])   # the jobs of a sweep with train.replicas > 1
     except launch.Refused as e:                   # a check before the run: nothing was written
         error, code = e.error, 2
     except SystemExit as e:
@@ -136,6 +155,16 @@ def _sweep_summary() -> list:
 def hydra_main(cfg: DictConfig) -> float:
     """Returns the run's best validation bound (the objective of the lr_search sweeper)."""
     from .train import Stopped
+    if HydraConfig.get().mode.name == "MULTIRUN" and cfg.train.replicas > 1:
+        try:
+            groups.defer(cfg)
+        except Exception as e:
+            _record_failure(e)
+            if not isinstance(e, _expected_errors()):
+                raise
+            print(f"sbn-train: error: {e}", file=sys.stderr)
+            raise
+        return float("nan")
     try:
         return float(main_task(cfg)["best/valid"])
     except Stopped as e:

@@ -45,6 +45,8 @@ class TrainConfig:
     divergence_nats: float = 1.0       # stop when train/elbo falls this many nats per data dimension below
                                        # its first logged value (0: only NaN/inf stop a run)
     cuda_graph: Optional[bool] = None  # capture the training step as a CUDA graph (None: on for CUDA)
+    replicas: int = 1                  # in a sweep: train up to this many jobs that differ only in seed,
+                                       # optim.lr and optim.weight_decay as one process (a replica group)
 
 
 @dataclass
@@ -136,6 +138,7 @@ def validate(cfg: Config) -> None:
         _unit_interval(f"optim.{key}", getattr(cfg.optim, key))
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.max_steps", cfg.train.max_steps)
+    _positive("train.replicas", cfg.train.replicas)
     _positive("train.eval_every", cfg.train.eval_every)
     _positive("train.log_every", cfg.train.log_every)
     _positive("train.checkpoint_minutes", cfg.train.checkpoint_minutes, allow_zero=True)

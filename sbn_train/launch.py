@@ -107,7 +107,13 @@ class Checks(Callback):
         # the typed sections' keys only: values, and the options of a dataset or estimator (which a sweep
         # may choose per job), are checked job by job
         try:
-            check_keys(OmegaConf.to_container(task_config(config), resolve=False))
+            task = task_config(config)
+            check_keys(OmegaConf.to_container(task, resolve=False))
+            replicas = task.train.get("replicas", 1)
+            if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+                # the cap shapes the whole sweep: refused before any job starts
+                raise ConfigError(f"train.replicas must be a positive integer (the largest replica group), "
+                                  f"got {replicas}")
         except expected_errors() as e:
             raise Refused(e) from None
         SWEEP.update(dir=Path(str(config.hydra.sweep.dir)), start=time.time())

@@ -21,7 +21,7 @@ import os
 from omegaconf import OmegaConf
 
 #: overrides that do not change what a run computes (or are places), never part of its name
-NAME_EXCLUDE = ("train.resume", "train.overwrite", "train.progress", "train.checkpoint_minutes", "device",
+NAME_EXCLUDE = ("train.resume", "train.overwrite", "train.progress", "train.checkpoint_minutes", "train.replicas", "device",
                 "dataset.data_dir", "dataset.download_timeout")
 #: config groups named first, in this order; estimator and model name every single run
 GROUP_ORDER = ("estimator", "model", "dataset", "optim", "experiment")

@@ -87,7 +87,7 @@ def save_atomic(obj: Any, path: Path) -> None:
 #: config keys that may differ between a run and its resumption (they do not change the trajectory of the
 #: parameters): the length of the run, what is measured and logged, and where data and outputs live
 MAY_CHANGE = ("train.max_steps", "train.eval_every", "train.log_every", "train.resume", "train.overwrite",
-              "train.progress", "train.checkpoint_minutes", "train.cuda_graph", "train.divergence_nats",
+              "train.progress", "train.checkpoint_minutes", "train.cuda_graph", "train.divergence_nats", "train.replicas",
               "eval.", "test.", "variance.", "dataset.data_dir", "dataset.download_timeout", "hydra.")
 
 

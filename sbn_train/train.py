@@ -292,6 +292,10 @@ def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings,
     return result
 
 
+class FolderInUse(RunError):
+    """The run folder is locked by another process (nothing of that run may be touched)."""
+
+
 class RunSession:
     """One run's folder, lock, state, jobs, TensorBoard writer and progress bar: everything :func:`run` does
     around the steps, in phases, so that a replica group can drive R of them with one step."""
@@ -317,7 +321,7 @@ class RunSession:
         try:
             self.lock = RunLock(out_dir).acquire()
         except FolderBusy as e:
-            raise RunError(str(e)) from None
+            raise FolderInUse(str(e)) from None
         resume_from = prepare_folder(out_dir, tr)
         (out_dir / FAILED).unlink(missing_ok=True)
         done = finished_result(out_dir, tr) if resume_from is not None else None
@@ -404,6 +408,8 @@ def run_group(specs: list[RunSpec]) -> list[RunResult | BaseException]:
                 except RunError as e:
                     results[i] = e
                     session.close()
+                    if len(specs) > 1 and not isinstance(e, FolderInUse):   # (the CLI records a lone run's)
+                        _write_failed(session.out_dir, e)
                     continue
                 if done is not None:
                     results[i] = done
@@ -520,6 +526,7 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
             break
         if group is None or group.states != [s.state for s in live]:
             group = holder[0] = ReplicaGroup([s.state for s in live])
+        faults.point("step", live[0].state.step + 1)
         group.step()
         for session in live:
             session.state.step += 1

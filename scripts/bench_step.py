@@ -4,6 +4,7 @@
     python scripts/bench_step.py --models sbn_2layer,sbn_4layer,sbn_nonlinear
     python scripts/bench_step.py --estimators reinforce,nvil,marginal,muprop
     python scripts/bench_step.py --scaling                     # marginal vs batch size and layer width
+    python scripts/bench_step.py --replicas 1,4,16,64          # replica groups: aggregate steps/s per R
 
 Every estimator runs the training loop's own step (``sbn_train.train.TrainStep`` over a
 ``TrainState``: minibatch sampling from the training split, estimator, backward, both optimizers), timed
@@ -79,6 +80,62 @@ def make(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, b
     state = TrainState.create(model, est.to(device), images, batch, OptimConfig(lr=1e-4), seed=1)
     state.estimator.train()
     return TrainStep(state)
+
+
+def replica_step(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, batch: int,
+                 device: torch.device, r: int):
+    """A callable doing one training step of ``r`` runs (seeds 1..r, learning rates spread over a decade):
+    the ordinary TrainStep for r = 1, else one ReplicaGroup step."""
+    from sbn_train.replicas import ReplicaGroup
+    if r == 1:
+        return make(est_name, sizes, n_hidden, images, batch, device)
+    states = []
+    for i in range(r):
+        torch.manual_seed(i + 1)
+        model = SBN(images.shape[1], sizes, n_hidden, x_mean=images.mean(0).cpu()).to(device)
+        est = build_estimator(est_name, model).to(device)
+        states.append(TrainState.create(model, est, images, batch, OptimConfig(lr=1e-4 * 10 ** (i / max(r - 1, 1))),
+                                        seed=i + 1))
+    return ReplicaGroup(states).step
+
+
+def replicas(args, device, images) -> None:
+    """Aggregate steps/s (R runs' steps per second) and peak memory per R, interleaved rounds."""
+    rs = [int(v) for v in args.replicas.split(",")]
+    names = [n for n in args.estimators.split(",") if n != "marginal_reference"]
+    print("R = 1 is the ordinary run (TrainStep); R > 1 one ReplicaGroup step (eager; the group step is not "
+          "captured as a CUDA graph)")
+    print(f"| model | estimator | batch | " + " | ".join(f"R={r} steps/s" for r in rs) + " | "
+          + " | ".join(f"R={r} / R=1" for r in rs[1:]) + (" | " + " | ".join(f"R={r} peak MB" for r in rs)
+                                                          if device.type == "cuda" else "") + " |")
+    for model_name in args.models.split(","):
+        sizes, n_hidden = model_spec(model_name)
+        batch = args.batch or paper_batch(model_name)
+        for name in names:
+            steps, peaks = {}, {}
+            for r in rs:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                steps[r] = replica_step(name, sizes, n_hidden, images, batch, device, r)
+                steps[r]()
+                sync(device)
+                if device.type == "cuda":
+                    peaks[r] = torch.cuda.max_memory_allocated(device) / 2**20
+            times = {r: [] for r in rs}
+            for _ in range(args.rounds):
+                for r in rs:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    steps[r]()
+                    sync(device)
+                    times[r].append(time.perf_counter() - t0)
+            rate = {r: r / statistics.median(times[r]) for r in rs}
+            row = [model_name, name, str(batch)] + [f"{rate[r]:,.0f}" for r in rs] \
+                + [f"{rate[r] / rate[rs[0]]:.2f}x" for r in rs[1:]]
+            if device.type == "cuda":
+                row += [f"{peaks[r]:,.0f}" for r in rs]
+            print("| " + " | ".join(row) + " |", flush=True)
+            del steps
 
 
 def sync(device: torch.device) -> None:
@@ -315,6 +372,7 @@ def main() -> None:
     ap.add_argument("--concurrent", help="k1,k2,...: aggregate steps/s of k runs at once (e.g. 1,2,4,8)")
     ap.add_argument("--warmup-seconds", type=float, default=20.0, help="concurrency mode: start-up allowance")
     ap.add_argument("--window-seconds", type=float, default=10.0, help="concurrency mode: timed window")
+    ap.add_argument("--replicas", help="R1,R2,...: replica groups, aggregate steps/s per R (e.g. 1,4,16,64)")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_start", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--_seconds", type=float, help=argparse.SUPPRESS)
@@ -340,7 +398,9 @@ def main() -> None:
     cap = torch.backends.cpu.get_cpu_capability()
     print(f"torch {torch.__version__}, device {device}, CPU capability {cap}, threads {torch.get_num_threads()}")
     images = load_images(args.data, device)
-    if args.concurrent:
+    if args.replicas:
+        replicas(args, device, images)
+    elif args.concurrent:
         concurrency(args, device)
     elif args.scaling:
         scaling(args, device, images)

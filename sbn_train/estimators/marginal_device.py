@@ -51,10 +51,12 @@ def _softplus_change_sum(x: Tensor, s: _DeviceSample, k: int, ws: Workspace) -> 
     return torch.logaddexp(x, s.log_sig(k)[1], out=x if ws.reuse else None).sum(-1)
 
 
-def _entropy_change_sum(a: Tensor, s: _DeviceSample, k: int, t1: Tensor, t2: Tensor) -> Tensor:
+def _entropy_change_sum(a: Tensor, s: _DeviceSample, k: int, t1: Tensor | None, t2: Tensor | None) -> Tensor:
     """sum_i H(a_i) - H(pre_i), ``[B, c]``, for the flipped logits a ``[B, c, H_k]`` of a linear q_k (kept)."""
     sig = torch.sigmoid(a, out=t1)
     h = torch.logaddexp(a, a.new_zeros(()), out=t2)                 # softplus(a)
+    if t2 is None:                                                  # no scratch (vmap): no in-place addcmul
+        return (h - a * sig - s.q_entropy(k)).sum(-1)
     return h.addcmul_(a, sig, value=-1).sub_(s.q_entropy(k)).sum(-1)
 
 
