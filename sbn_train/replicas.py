@@ -151,7 +151,7 @@ class ReplicaGroup:
     """R :class:`~sbn_train.state.TrainState` s stepped as one (see the module docstring). The states keep
     working on their own (evaluation, checkpoints); their tensors become views of the group's stacks."""
 
-    def __init__(self, states: list):
+    def __init__(self, states: list, vectorize: bool | None = None):
         if not states:
             raise GroupError("a replica group needs at least one run")
         self.states = list(states)
@@ -161,9 +161,13 @@ class ReplicaGroup:
             raise GroupError("the replicas of a group must share train.batch_size")
         self.device = first.device
         template = _Pair(copy.deepcopy(first.model), copy.deepcopy(first.estimator))
-        for est in (template.estimator,):
-            if hasattr(est, "route"):
-                est.route = "device"
+        est = template.estimator
+        flip_pass = hasattr(est, "route")
+        # vmap needs the flip passes' device route (nothing read back to the host); on a CPU their own route
+        # (exp tables, sparse changes) costs a fraction of it, so there the replicas take turns instead
+        self.vectorize = (not flip_pass or self.device.type != "cpu") if vectorize is None else bool(vectorize)
+        if self.vectorize and flip_pass:
+            est.route = "device"
             if isinstance(getattr(est, "workspace", None), Workspace):
                 est.workspace = Workspace(reuse=False)
         self.template = template
@@ -209,7 +213,7 @@ class ReplicaGroup:
         for r, s in enumerate(states):
             s.elbo_sum = self.elbo_sum[r]
         self.draw_batches = self._record_draws()
-        self._grads = vmap(self._replica_grads)
+        self._grads = vmap(self._replica_grads) if self.vectorize else self._looped_grads
         self.last_metrics: dict[str, Tensor] = {}
 
     @property
@@ -232,15 +236,27 @@ class ReplicaGroup:
     def draw(self) -> tuple[Tensor, list[Tensor]]:
         """Each replica's minibatch, then its uniforms, from its own generator (the standalone run's order):
         ``[R, B, D]`` and, per draw and layer, ``[R, n, H_l]``."""
-        xs, draws = [], []
+        xs = [s.sampler.next().to(s.model.prior_logits.dtype) for s in self.states]
+        return torch.stack(xs), self.draw_uniforms()
+
+    def draw_uniforms(self) -> list[Tensor]:
+        """One step's uniforms of every replica from its own generator, per draw and layer ``[R, n, H_l]``."""
+        per_replica = []
         for s in self.states:
-            dtype = s.model.prior_logits.dtype
-            xs.append(s.sampler.next().to(dtype))
             mine = []
             for n in self.draw_batches:
-                mine += s.model.draw_uniforms(n, s.generator, self.device, dtype)
-            draws.append(mine)
-        return torch.stack(xs), [torch.stack(col) for col in zip(*draws)]
+                mine += s.model.draw_uniforms(n, s.generator, self.device, s.model.prior_logits.dtype)
+            per_replica.append(mine)
+        return [torch.stack(col) for col in zip(*per_replica)]
+
+    def gradients(self, xs: Tensor, draws: list[Tensor], train: bool = True):
+        """Every replica's gradient estimate at its minibatch ``xs[r]`` and uniforms, without an update:
+        (model grads ``{name: [R, ...]}``, estimator grads, ELBO ``[R, B]``, metrics ``{name: [R]}``, new
+        estimator state or None). ``train=False``: eval mode (moving averages stay)."""
+        self.template.train(train)
+        for s in self.states:
+            s.estimator.train(train)
+        return self._grads(self.params, self.frozen, self.buffers, xs, draws)
 
     def _replica_grads(self, params: dict, frozen: dict, buffers: dict, x: Tensor, draws: list[Tensor]):
         model_p = {n: params[n] for n in self.model_names}
@@ -260,14 +276,42 @@ class ReplicaGroup:
         g_est = pullback((zero, one))[1] if self.est_names else {}
         return g_model, g_est, elbo, metrics, state
 
+    def _looped_grads(self, params: dict, frozen: dict, buffers: dict, xs: Tensor, draws: list[Tensor]):
+        """The replicas in turn, each through its own modules (views of the stacks) with ordinary autograd
+        and the flip passes' own route; results stacked as :meth:`_replica_grads` under vmap gives them.
+        The estimators update their state (views of the stacked buffers) themselves."""
+        g_model: dict[str, list] = {n: [] for n in self.model_names}
+        g_est: dict[str, list] = {n: [] for n in self.est_names}
+        elbos, metrics = [], []
+        for r, s in enumerate(self.states):
+            out = s.estimator(s.model, xs[r], UniformTape([u[r] for u in draws]))
+            named = dict(_Pair(s.model, s.estimator).named_parameters())
+            model_p = [named[n] for n in self.model_names]
+            if self.est_names:
+                est_p = [named[n] for n in self.est_names]
+                if out.aux_loss is not None:
+                    grads = torch.autograd.grad(out.aux_loss, est_p, retain_graph=True, allow_unused=True)
+                else:
+                    grads = [None] * len(est_p)
+                for n, p, g in zip(self.est_names, est_p, grads):
+                    g_est[n].append(torch.zeros_like(p) if g is None else g)
+            grads = torch.autograd.grad(out.surrogate, model_p, allow_unused=True)
+            for n, p, g in zip(self.model_names, model_p, grads):
+                g_model[n].append(torch.zeros_like(p) if g is None else g)
+            elbos.append(out.elbo.detach())
+            metrics.append({k: v.detach() for k, v in out.metrics.items()})
+        stack = {k: torch.stack([m[k] for m in metrics]) for k in (metrics[0] if metrics else {})}
+        return ({n: torch.stack(v) for n, v in g_model.items()}, {n: torch.stack(v) for n, v in g_est.items()},
+                torch.stack(elbos), stack, None)
+
     def step(self) -> None:
         """One update of every replica (minibatch, uniforms, estimate, gradients, optimizers, running ELBO)."""
-        self.template.train()
         xs, draws = self.draw()
-        g_model, g_est, elbo, metrics, state = self._grads(self.params, self.frozen, self.buffers, xs, draws)
-        with torch.no_grad():
-            for n, b in self.buffers.items():
-                b.copy_(state[n])
+        g_model, g_est, elbo, metrics, state = self.gradients(xs, draws)
+        if state is not None:                 # (the looped step updates the buffers in place)
+            with torch.no_grad():
+                for n, b in self.buffers.items():
+                    b.copy_(state[n])
         self.model_opt.step([g_model[n] for n in self.model_names])
         if self.est_opt is not None:
             self.est_opt.step([g_est[n] for n in self.est_names])

@@ -53,10 +53,12 @@ def _assert_close(a: dict, b: dict, what: str) -> None:
         assert err <= 1e-10 * scale, f"{what}: {k} differs by {err:.3g}"
 
 
-def _group_vs_standalone(name: str, steps: int, optim: str = "rmsprop", n_hidden: int = 0):
+def _group_vs_standalone(name: str, steps: int, optim: str = "rmsprop", n_hidden: int = 0,
+                         vectorize: bool | None = None):
     alone = [_state(name, *run, optim=optim, n_hidden=n_hidden) for run in RUNS]
     grouped = [_state(name, *run, optim=optim, n_hidden=n_hidden) for run in RUNS]
-    group = ReplicaGroup(grouped)
+    group = ReplicaGroup(grouped, vectorize=vectorize)
+    assert vectorize is None or group.vectorize == vectorize
     for _ in range(steps):
         group.step()
         for s in alone:
@@ -69,21 +71,24 @@ def _group_vs_standalone(name: str, steps: int, optim: str = "rmsprop", n_hidden
         assert g.sampler.pos == a.sampler.pos and g.sampler.perm.equal(a.sampler.perm)
 
 
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "looped"])
 @pytest.mark.parametrize("name", available_estimators())
-def test_replica_step_equals_standalone_step(name):
-    """Two steps (the second sees the first's optimizer statistics and moving averages)."""
+def test_replica_step_equals_standalone_step(name, vectorize):
+    """Two steps (the second sees the first's optimizer statistics and moving averages), with the replicas
+    vectorized (vmap: what a GPU runs) and taking turns (what a CPU runs for marginal and leg)."""
     torch.set_default_dtype(torch.float64)
     try:
-        _group_vs_standalone(name, steps=2)
+        _group_vs_standalone(name, steps=2, vectorize=vectorize)
     finally:
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "looped"])
 @pytest.mark.parametrize("name", ["nvil", "marginal"])
-def test_replica_step_adam_and_nonlinear(name):
+def test_replica_step_adam_and_nonlinear(name, vectorize):
     torch.set_default_dtype(torch.float64)
     try:
-        _group_vs_standalone(name, steps=2, optim="adam", n_hidden=1)
+        _group_vs_standalone(name, steps=2, optim="adam", n_hidden=1, vectorize=vectorize)
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -182,3 +187,48 @@ def test_group_checkpoint_is_a_standalone_checkpoint(tmp_path):
     ref = torch.load(alone.out_dir / "checkpoint.pt", weights_only=True)
     for k in ref["model"]:
         assert torch.allclose(ck["model"][k], ref["model"][k], rtol=1e-10, atol=1e-12), k
+
+
+# ----- unbiasedness, replica by replica ----------------------------------------------------------------------
+from conftest import random_binary, random_sbn  # noqa: E402
+from stats import bonferroni_z, randomize_estimator, unbiasedness_z  # noqa: E402
+
+from sbn_train.diagnostics import exact_gradient  # noqa: E402
+
+ALPHA = 1e-3          # false-alarm rate of each test (all coordinates of all models together)
+N_MODELS, COPIES, CALLS = 3, 30, 100      # 3 weight sets x 30 replicas each x 100 group calls = 3,000 estimates
+
+
+@pytest.mark.parametrize("name,vectorize", [("marginal", True), ("marginal", False), ("nvil", True),
+                                            ("rloo", True), ("disarm", True), ("straight_through", True)])
+def test_each_replica_is_unbiased_for_its_own_model(name, vectorize):
+    """A group of 90 replicas: three different random models (different weights, randomized baselines),
+    each in 30 replicas with their own generators; per model, the 3,000 gradient estimates are tested
+    against that model's exact gradient (Bonferroni over every coordinate of the three models, ALPHA).
+    The biased straight-through estimator must fail the same test: the test sees bias."""
+    x = random_binary(4, 5)
+    states = []
+    for i in range(N_MODELS * COPIES):
+        model = random_sbn(seed=i // COPIES)
+        est = randomize_estimator(build_estimator(name, model).double(), seed=7 + i // COPIES)
+        states.append(TrainState.create(model, est, torch.rand(8, 5, dtype=torch.float64), 4, OptimConfig(), i))
+    group = ReplicaGroup(states, vectorize=vectorize)
+    xs = x.expand(len(states), -1, -1)
+    samples = []
+    for _ in range(CALLS):
+        g_model = group.gradients(xs, group.draw_uniforms(), train=False)[0]
+        samples.append(torch.cat([g_model[n].reshape(len(states), -1) for n in group.model_names], 1))
+    samples = torch.stack(samples)                                   # [CALLS, R, P]
+    zs, lives = [], []
+    for m in range(N_MODELS):
+        exact = torch.cat([g.reshape(-1) for g in exact_gradient(random_sbn(seed=m), x)])
+        per_model = samples[:, m * COPIES:(m + 1) * COPIES].reshape(-1, exact.numel())
+        z, live = unbiasedness_z(per_model, exact)
+        zs.append(z[live])
+        lives.append(live)
+    threshold = bonferroni_z(ALPHA, sum(int(live.sum()) for live in lives))
+    worst = float(torch.cat(zs).max())
+    if build_estimator(name, random_sbn()).unbiased:
+        assert worst < threshold, f"{name}: max z {worst:.2f} >= {threshold:.2f}"
+    else:
+        assert worst > threshold, f"{name}: max z {worst:.2f} <= {threshold:.2f}: bias not seen"
