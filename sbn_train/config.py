@@ -43,7 +43,8 @@ class TrainConfig:
     progress: bool = True        # progress bar on stderr
     checkpoint_minutes: float = 10.0   # also checkpoint by wall time (0: only every eval_every steps)
     divergence_nats: float = 1.0       # stop when train/elbo falls this many nats per data dimension below
-                                       # its first logged value (0: only NaN/inf stop a run)
+                                       # where it started: the lower of the initial validation
+                                       # ELBO and -D log 2 (0: only NaN/inf stop a run)
     cuda_graph: Optional[bool] = None  # capture the training step as a CUDA graph (None: on for CUDA)
     replicas: int = 1                  # in a sweep: train up to this many jobs that differ only in seed,
                                        # optim.lr and optim.weight_decay as one process (a replica group)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -91,11 +91,6 @@ class Welford:
         return self.m2 / (self.n - 1)
 
 
-def gradient_samples(estimate_grad: Callable[[int], list[Tensor]], n: int) -> Iterable[list[Tensor]]:
-    for i in range(n):
-        yield estimate_grad(i)
-
-
 def gradient_moments(model: SBN, estimator, batches: Iterable[Tensor], generator: torch.Generator,
                      params: dict[str, list[torch.nn.Parameter]],
                      reference: dict[torch.nn.Parameter, Tensor] | None = None) -> dict[str, dict[str, float]]:
@@ -137,18 +132,6 @@ def gradient_moments(model: SBN, estimator, batches: Iterable[Tensor], generator
             out[name]["mse"] = float(mse.mean())
             out[name]["bias"] = float((mse - var).mean())
     return out
-
-
-def gradient_variance(model: SBN, estimator, batches: Iterable[Tensor], generator: torch.Generator,
-                      params: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
-    """Mean over parameter elements of the unbiased variance of the estimator's gradient.
-
-    ``batches`` supplies one minibatch per independent estimate (the paper's protocol uses M fresh
-    training minibatches; repeating one batch measures the latent noise alone). ``params`` maps a
-    metric name to the parameters it averages over. The estimator is put in eval mode (no state
-    updates) and restored; model ``.grad`` fields are not touched.
-    """
-    return {name: m["var"] for name, m in gradient_moments(model, estimator, batches, generator, params).items()}
 
 
 def exact_gradient_by_parameter(model: SBN, x: Tensor) -> dict[torch.nn.Parameter, Tensor]:

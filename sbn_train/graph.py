@@ -8,8 +8,8 @@ stream is the run's generator, registered with the graph, so its state is saved 
 as in eager mode. Logging, evaluation, variance probes and checkpoints run eagerly at their intervals.
 
 Requirements, checked before capture (otherwise the step runs eagerly with one warning line saying why):
-a CUDA device, an estimator that declares itself ``capturable`` (no host reads inside its forward; see
-``tests/test_host_sync.py``), estimator metrics held as tensors, and optimizers built with
+a CUDA device, an estimator without host reads inside its forward (every config passes
+``tests/test_host_sync.py``; one that sets ``capturable = False`` runs eagerly), estimator metrics held as tensors, and optimizers built with
 ``capturable=True`` (:meth:`TrainState.create` does so on CUDA).
 """
 from __future__ import annotations

@@ -145,7 +145,7 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)   # the last value of every metric
     config: dict[str, Any] = field(default_factory=dict)      # trajectory_config of the run
     jobs_pending: bool = False              # saved by a stop during the jobs of ``step``: run them again
-    first_elbo: float | None = None         # the first logged train/elbo (the divergence criterion's anchor)
+    first_elbo: float | None = None         # the model's validation ELBO before training (divergence anchor)
 
     def __post_init__(self):
         if self.elbo_sum is None:
@@ -192,6 +192,15 @@ class TrainState:
         self.metrics = dict(state.get("metrics", {}))
         self.jobs_pending = bool(state.get("jobs_pending", False))
         self.first_elbo = state.get("first_elbo")
+
+    def running(self) -> tuple:
+        """What the scheduled jobs change (running ELBO, best model, last metrics), taken before they run, so
+        that a stop during them puts it back (:meth:`restore_running`) and a resume runs them again."""
+        return self.elbo_sum.clone(), self.elbo_n, self.best, self.best_step, dict(self.metrics)
+
+    def restore_running(self, saved: tuple) -> None:
+        self.elbo_sum.copy_(saved[0])         # in place: a captured graph or a replica group writes there
+        self.elbo_n, self.best, self.best_step, self.metrics = saved[1], saved[2], saved[3], dict(saved[4])
 
     def finite(self) -> bool:
         """True when every parameter (model and estimator) and optimizer statistic is finite (a sync)."""

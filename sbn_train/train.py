@@ -35,7 +35,7 @@ from .state import (RunError, TrainSampler, TrainState, load_checkpoint, make_op
 
 __all__ = ["BEST", "CHECKPOINT", "FAILED", "RESULTS", "RunError", "RunResult", "RunSettings", "Stopped", "TrainSampler",
            "TrainState", "TrainStep", "evaluate", "evaluate_test", "load_checkpoint", "make_optimizer", "run",
-           "save_atomic", "train_step"]
+           "save_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,6 @@ def apply_grads(est: Estimate, model_opt: torch.optim.Optimizer, est_opt: torch.
     model_opt.step()
     if est_opt is not None and est.aux_loss is not None:
         est_opt.step()
-
-
-def train_step(model: SBN, estimator: Estimator, est: Estimate, model_opt: torch.optim.Optimizer,
-               est_opt: torch.optim.Optimizer | None, est_params: list[nn.Parameter]) -> None:
-    """One update from the estimate ``est``: gradients, then both optimizers."""
-    compute_grads(est, model_opt, est_opt, est_params)
-    apply_grads(est, model_opt, est_opt)
 
 
 class TrainStep:
@@ -223,13 +216,13 @@ def _run_jobs(ctx: Context, jobs: list[Job], step: int, max_steps: int, stop: St
     if not due:
         return
     state = ctx.state
-    before = (state.elbo_sum.clone(), state.elbo_n, state.best, state.best_step, dict(state.metrics))
+    before = state.running()
     try:
         with stop.interruptible():
             for job in due:
                 job(ctx, step)
     except Interrupted:
-        state.elbo_sum, state.elbo_n, state.best, state.best_step, state.metrics = before
+        state.restore_running(before)
         state.jobs_pending = True
         _save_and_stop(ctx, stop)
 
@@ -489,14 +482,13 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
             jobs = due(session, state.step)
             if not jobs:
                 continue
-            before = (state.elbo_sum.clone(), state.elbo_n, state.best, state.best_step, dict(state.metrics))
+            before = state.running()
             try:
                 with stop.interruptible():
                     for job in jobs:
                         job(session.ctx, state.step)
             except Interrupted:
-                state.elbo_sum.copy_(before[0])
-                state.elbo_n, state.best, state.best_step, state.metrics = before[1:]
+                state.restore_running(before)
                 state.jobs_pending = True
                 for later in sessions[k + 1:]:
                     if later in live and due(later, later.state.step):

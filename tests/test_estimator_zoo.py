@@ -19,7 +19,7 @@ from sbn_train.diagnostics import all_configurations, exact_gradient
 from sbn_train.estimators import available_estimators, build_estimator
 from sbn_train.estimators.marginal import Marginal
 from sbn_train.models import SBN
-from sbn_train.train import train_step
+from sbn_train.train import apply_grads, compute_grads
 
 from conftest import random_binary, random_sbn
 from stats import bonferroni_z, flat_grad, randomize_estimator as randomized, sample_gradients, unbiasedness_z
@@ -214,7 +214,7 @@ def grouped_inference_variance(est, model, x, n, groups, seed):
 
 def test_variance_minimizing_steps_lower_relax_variance():
     """From random (untrained) eta, temperatures and control-variate nets, 200 steps of the training loop's
-    own update (``train_step``; the model's learning rate is 0, so only the estimator moves) lower RELAX's
+    own update (``compute_grads`` and ``apply_grads``; the model's learning rate is 0, so only the estimator moves) lower RELAX's
     inference-gradient variance. Welch t over 20 + 20 independent groups, one-sided at ALPHA."""
     model, x = random_sbn(), random_binary(4, 5)
     est = randomized(build_estimator("relax", model).double())
@@ -229,7 +229,8 @@ def test_variance_minimizing_steps_lower_relax_variance():
     for _ in range(200):
         out = est(model, x, gen)
         assert out.aux_loss is not None and out.aux_loss.requires_grad
-        train_step(model, est, out, model_opt, est_opt, params)
+        compute_grads(out, model_opt, est_opt, params)
+        apply_grads(out, model_opt, est_opt)
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
     after = grouped_inference_variance(est, model, x, 1000, groups, seed=22)
     t = float((after.mean() - before.mean()) / ((after.var() + before.var()) / groups).sqrt())

@@ -51,12 +51,7 @@ from .branches import Sample
 from .layerwise import LayerwiseEstimator
 from .marginal_fast import Workspace, flip_deltas
 
-__all__ = ["Marginal", "flip_deltas", "flip_deltas_reference", "objective_terms", "top_prior_mean_shift"]
-
-
-def objective_terms(model: SBN, x: Tensor, zs: list[Tensor]) -> Tensor:
-    """F(z) = log p(x, z) + sum_l H(q(. | z_{l-1})), ``[B]`` (:meth:`SBN.objective`)."""
-    return model.objective(x, zs)
+__all__ = ["Marginal", "flip_deltas", "flip_deltas_reference", "top_prior_mean_shift"]
 
 
 def _prior_mean_shift(model: SBN, top_parent: Tensor, z_top: Tensor) -> Tensor:
