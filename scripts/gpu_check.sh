@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one script (`make bench-gpu`): the CUDA tests, bench_step.py on CUDA
+# The checks that need a CUDA GPU, as one script (`make bench-gpu`): the replica-group table, the CUDA tests,
+# bench_step.py on CUDA
 # (eager and graph columns) for the three paper models, the concurrency mode, and 20,000-step CLI runs with
 # graphs. Everything it prints is the report. Needs a Python where `import sbn_train` works (the project's
 # venv, or PYTHONPATH=<checkout> with its dependencies) and MNIST in the data cache (or network access).
@@ -17,6 +18,12 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
 PY
 nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv || true
+
+step "bench_step.py --replicas: aggregate steps/s and peak memory of replica groups (eager group step)"
+timeout 900 $PY scripts/bench_step.py --device cuda --replicas 1,4,16,64 --estimators reinforce,nvil,marginal \
+    --rounds 10
+timeout 600 $PY scripts/bench_step.py --device cuda --replicas 1,16 --models sbn_4layer,sbn_nonlinear \
+    --estimators nvil,marginal --rounds 5
 
 step "CUDA tests"
 timeout 900 $PY -m pytest -q -ra tests/test_graph_step.py tests/test_host_sync.py tests/test_marginal_device_route.py \
