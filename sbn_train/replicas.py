@@ -324,3 +324,33 @@ class ReplicaGroup:
     def replica_metrics(self, r: int) -> dict[str, Tensor]:
         """Replica r's estimator metrics of the last step (0-dim device tensors, as a standalone step's)."""
         return {k: v[r] for k, v in self.last_metrics.items()}
+
+
+def group_bytes(per_run_peak: int, per_run_state: int, replicas: int) -> int:
+    """Estimated device memory of a group: R times one run's step peak (its activations under vmap scale with
+    R) and R times its parameters and optimizer statistics, with a quarter added for the allocator."""
+    return int(1.25 * replicas * (per_run_peak + per_run_state))
+
+
+def check_fits(states: list) -> None:
+    """Refuse (:class:`GroupError`, one line) a CUDA group whose estimated memory exceeds the free device
+    memory; measured before the group is built, from one step of a copy of its first run (no update)."""
+    first = states[0]
+    if first.device.type != "cuda":
+        return
+    model, est = copy.deepcopy(first.model), copy.deepcopy(first.estimator)
+    x = torch.zeros(first.sampler.batch_size, first.sampler.data.shape[1], device=first.device,
+                    dtype=model.prior_logits.dtype)
+    torch.cuda.synchronize(first.device)
+    base = torch.cuda.memory_allocated(first.device)
+    torch.cuda.reset_peak_memory_stats(first.device)
+    out = est(model, x, torch.Generator(device=first.device).manual_seed(0))
+    out.surrogate.backward()
+    peak = torch.cuda.max_memory_allocated(first.device) - base
+    del out, model, est
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in first.model.parameters())
+    need = group_bytes(peak, state_bytes, len(states))
+    free, _ = torch.cuda.mem_get_info(first.device)
+    if need > free:
+        raise GroupError(f"a replica group of {len(states)} runs needs about {need / 2**30:.1f} GiB of GPU memory "
+                         f"and {free / 2**30:.1f} GiB are free: lower train.replicas")

@@ -450,9 +450,18 @@ def _write_failed(out_dir: Path, error: BaseException) -> None:
 def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index: list[int]) -> None:
     """The replica group's loop: one group step, then each run's jobs; runs leave the group when they
     finish or fail (the group is rebuilt from the others), and a stop signal saves every run."""
-    from .replicas import ReplicaGroup
+    from .replicas import GroupError, ReplicaGroup, check_fits
 
     slot = {id(s): i for s, i in zip(live, index)}
+    try:
+        check_fits([s.state for s in live])
+    except GroupError as e:              # every run of the group is listed as failed; other groups go on
+        for session in live:
+            results[slot[id(session)]] = RunError(str(e))
+            _write_failed(session.out_dir, RunError(str(e)))
+            session.close()
+        live.clear()
+        return
     holder: list = [None]
     for s in live:
         s.start(_ReplicaStep(holder, s.state))

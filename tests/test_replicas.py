@@ -232,3 +232,8 @@ def test_each_replica_is_unbiased_for_its_own_model(name, vectorize):
         assert worst < threshold, f"{name}: max z {worst:.2f} >= {threshold:.2f}"
     else:
         assert worst > threshold, f"{name}: max z {worst:.2f} <= {threshold:.2f}: bias not seen"
+
+
+def test_group_memory_estimate_scales_with_replicas():
+    from sbn_train.replicas import group_bytes
+    assert group_bytes(100, 20, 1) == 150 and group_bytes(100, 20, 64) == 64 * 150
