@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from .estimators.marginal_fast import Workspace
+from .estimators.flip_common import Workspace
 from .models import DrawRecorder, UniformTape
 
 #: optimizer statistics stacked per parameter, by optimizer class

@@ -5,7 +5,8 @@ import torch
 from scipy import stats as sps
 
 from sbn_train.diagnostics import TooLargeForExact, exact_gradient
-from sbn_train.estimators import available_estimators, build_estimator, marginal_fast
+from sbn_train.estimators import available_estimators, build_estimator
+from sbn_train.estimators.flip_common import set_route
 from sbn_train.estimators.marginal import flip_deltas, flip_deltas_reference
 from sbn_train.models import SBN
 
@@ -127,11 +128,11 @@ HOST_READS = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__
 def test_forward_reads_nothing_back_to_the_host(name, monkeypatch):
     """No estimator reads a tensor's value back to the host inside forward (a stall of the stream on a GPU):
     every Tensor method that would is made to fail. The marginal flip pass and LEG's flipped passes take
-    their device route (``marginal_fast.ROUTE``), which is what runs on a GPU; train mode, so the moving
+    their device route (``set_route``), which is what runs on a GPU; train mode, so the moving
     averages and REBAR's metrics are exercised too."""
     model, x = random_sbn(latent_sizes=(4, 3, 2)), random_binary(6, 5)
     est = build_estimator(name, model).double().train()
-    monkeypatch.setattr(marginal_fast, "ROUTE", "device")
+    set_route(est, "device")
 
     def fail(op):
         def read(self, *args, **kwargs):

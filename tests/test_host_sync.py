@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sbn_train.estimators.marginal_fast as marginal_fast
+from sbn_train.estimators.flip_common import set_route
 from sbn_train.estimators import available_estimators, build_estimator
 from sbn_train.estimators.branches import flipped_log_prob
 from sbn_train.models import SBN, Conditional
@@ -72,10 +73,12 @@ def small_sbn() -> tuple[SBN, torch.Tensor]:
     return model, x
 
 
-def estimator_step(name: str) -> None:
-    """Forward and backward of one estimator (and of its own loss) on a float32 SBN, under the guard."""
+def estimator_step(name: str, route: str = "device") -> None:
+    """Forward and backward of one estimator (and of its own loss) on a float32 SBN, under the guard; the
+    flip passes take ``route`` (the device route is what a GPU runs)."""
     model, x = small_sbn()
     est = build_estimator(name, model)
+    set_route(est, route)
     generator = torch.Generator().manual_seed(2)
     with no_host_sync():
         out = est(model, x, generator)
@@ -95,22 +98,21 @@ def test_every_estimator_is_checked():
 
 
 @pytest.mark.parametrize("name", SYNC_FREE)
-def test_estimator_step_reads_nothing_back(monkeypatch, name):
-    monkeypatch.setattr(marginal_fast, "ROUTE", "device")      # the flip passes a GPU runs
+def test_estimator_step_reads_nothing_back(name):
     estimator_step(name)
 
 
 @pytest.mark.parametrize("name", SYNC_FREE)
-def test_two_training_steps_read_nothing_back(monkeypatch, name):
+def test_two_training_steps_read_nothing_back(name):
     """What a CUDA graph captures: the loop's own step (minibatch from the training split, estimator,
     backward, both optimizers, running ELBO), twice (the optimizers' state is created on the first)."""
     from sbn_train.config import OptimConfig
     from sbn_train.state import TrainState
     from sbn_train.train import TrainStep
-    monkeypatch.setattr(marginal_fast, "ROUTE", "device")
     model, _ = small_sbn()
     data = torch.rand(64, 20, generator=torch.Generator().manual_seed(4))
     est = build_estimator(name, model)
+    set_route(est, "device")
     state = TrainState.create(model, est, data, 16, OptimConfig(), seed=5)
     step = TrainStep(state)
     assert getattr(est, "capturable", True), f"{name} declares itself not capturable but reads nothing back"
@@ -121,16 +123,14 @@ def test_two_training_steps_read_nothing_back(monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", ["marginal", "leg"])
-def test_cpu_route_reads_back_and_the_guard_sees_it(monkeypatch, name):
+def test_cpu_route_reads_back_and_the_guard_sees_it(name):
     """The CPU route decides from the data (range checks, the binary-input check): the guard must see that."""
-    monkeypatch.setattr(marginal_fast, "ROUTE", "cpu")
     with pytest.raises(HostSyncError, match=r"(marginal_fast|branches)\.py:\d+"):
-        estimator_step(name)
+        estimator_step(name, route="cpu")
 
 
-def test_device_route_flip_passes_read_nothing_back(monkeypatch):
+def test_device_route_flip_passes_read_nothing_back():
     """The flip passes themselves, float32, with weights beyond the exp range of the CPU route's tables."""
-    monkeypatch.setattr(marginal_fast, "ROUTE", "device")
     model, x = small_sbn()
     with torch.no_grad():
         model.p_nets[0].first.weight.mul_(1e3)
@@ -138,6 +138,6 @@ def test_device_route_flip_passes_read_nothing_back(monkeypatch):
     us = model.draw_uniforms(16, torch.Generator().manual_seed(3))
     zs = model.sample_q(x, us)
     with no_host_sync():
-        deltas = marginal_fast.flip_deltas(model, x, zs, us)
-        flipped = flipped_log_prob(net, zs[0], x)
+        deltas = marginal_fast.flip_deltas(model, x, zs, us, route="device")
+        flipped = flipped_log_prob(net, zs[0], x, route="device")
     assert all(torch.isfinite(d).all() for d in deltas) and torch.isfinite(flipped).all()

@@ -7,6 +7,8 @@ import torch
 
 import sbn_train.estimators.marginal_fast as marginal
 from sbn_train.estimators.branches import flipped_log_prob
+from sbn_train.estimators import build_estimator
+from sbn_train.estimators.flip_common import set_route
 from sbn_train.estimators.marginal import flip_deltas_reference
 from sbn_train.models import Conditional, bernoulli_log_prob
 from conftest import random_binary, random_sbn
@@ -56,14 +58,18 @@ def test_device_route_empty_batch():
     assert [tuple(d.shape) for d in out] == [(0, 24), (0, 32)]
 
 
-def test_route_selection(monkeypatch):
-    """The device route is the default for tensors off the CPU; ROUTE forces either; a wrong name is refused."""
+def test_route_selection():
+    """The device route is the default for tensors off the CPU; a route argument (an estimator's ``route``)
+    forces either; a wrong name is refused."""
     cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")
     assert not marginal.on_device_route(cpu) and marginal.on_device_route(meta)
     assert marginal.on_device_route(cpu, "device") and not marginal.on_device_route(meta, "cpu")
-    monkeypatch.setattr(marginal, "ROUTE", "device")
-    assert marginal.on_device_route(cpu)
-    assert not marginal._FlipTable(torch.ones(3, 2), torch.zeros(4, 2)).usable    # no range check read back
+    assert not marginal._FlipTable(torch.ones(3, 2), torch.zeros(4, 2), "device").usable  # no range check read back
+    est = build_estimator("leg", random_sbn())
+    set_route(est, "device")
+    assert est.route == "device"
+    with pytest.raises(ValueError, match="route"):
+        set_route(est, "gpu")
     with pytest.raises(ValueError, match="route"):
         marginal.on_device_route(cpu, "gpu")
     model = random_sbn(x_dim=10, latent_sizes=(6,), seed=0)
@@ -95,10 +101,9 @@ def test_float32_device_route_is_no_less_accurate_than_the_definition(x_dim, sca
 
 
 @pytest.mark.parametrize("n_hidden,scale", [(0, 0.3), (0, 800.0), (2, 0.3)])
-def test_flipped_log_prob_on_the_device_route(monkeypatch, n_hidden, scale):
+def test_flipped_log_prob_on_the_device_route(n_hidden, scale):
     """The local-expectation estimator's flip pass on the device route (no exp table) against flipping
     each input unit in turn."""
-    monkeypatch.setattr(marginal, "ROUTE", "device")
     torch.manual_seed(0)
     net = Conditional(24, 30, n_hidden).double()
     with torch.no_grad():
@@ -109,5 +114,5 @@ def test_flipped_log_prob_on_the_device_route(monkeypatch, n_hidden, scale):
         flips = [torch.cat([inp[:, :i], 1 - inp[:, i:i + 1], inp[:, i + 1:]], 1) for i in range(24)]
         brute = torch.stack([bernoulli_log_prob(target, net(f)) for f in flips], 1)
     for max_elements in (1 << 21, 100):
-        got = flipped_log_prob(net, inp, target, max_elements)
+        got = flipped_log_prob(net, inp, target, max_elements, route="device")
         assert float((got - brute).abs().max()) <= 1e-10 * (1 + float(brute.abs().max()))

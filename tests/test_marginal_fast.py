@@ -4,6 +4,7 @@ direct softplus sums, grouped and single logs. Same uniforms, float64, agreement
 import pytest
 import torch
 
+import sbn_train.estimators.flip_common as flip_common
 import sbn_train.estimators.marginal_fast as marginal
 from sbn_train.estimators.marginal import flip_deltas_reference
 from conftest import random_binary, random_sbn
@@ -71,7 +72,7 @@ def test_fast_equals_reference_on_every_path(paths, max_elements):
 @pytest.mark.parametrize("log_range", [1e-3, 0.5, 3.0])
 def test_fast_equals_reference_with_narrow_exp_range(monkeypatch, paths, log_range):
     """A narrow representable range forces the direct softplus sums and small (down to single) log groups."""
-    monkeypatch.setattr(marginal, "_LOG_RANGE", {torch.float64: log_range})
+    monkeypatch.setattr(flip_common, "_LOG_RANGE", {torch.float64: log_range})
     for i, (x_dim, sizes, n_hidden, scale) in enumerate(MODELS):
         model = random_sbn(x_dim=x_dim, latent_sizes=sizes, n_hidden=n_hidden, seed=i, scale=scale)
         compare(model, random_binary(8, x_dim, seed=i), seed=0)

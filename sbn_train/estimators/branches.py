@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, softplus, threshold
 from .base import DEFAULT_MAX_ELEMENTS
-from .marginal_fast import _FlipTable, flip_log_prob_change, on_device_route
+from .flip_common import on_device_route
+from .marginal_fast import _FlipTable, flip_log_prob_change
 
 
 @dataclass
@@ -81,7 +82,7 @@ def resimulate(model: SBN, zs: list[Tensor], lus: list[Tensor], l: int, z_l: Ten
 
 @torch.no_grad()
 def flipped_log_prob(net: Conditional, inp: Tensor, target: Tensor,
-                     max_elements: int = DEFAULT_MAX_ELEMENTS, route: str | None = None) -> Tensor:
+                     max_elements: int = DEFAULT_MAX_ELEMENTS, route: str = "auto") -> Tensor:
     """``[B, H]``: entry (b, i) = log Bern(target_b | sigmoid(net(inp_b with unit i flipped))), no gradient.
 
     ``inp`` is the net's binary input ``[B, H]`` (a latent layer; flipping unit i sets it to 1 - inp_i);

@@ -51,7 +51,7 @@ class LEG(LogitCoefficientEstimator):
         super().__init__(model)
         self.max_elements = check_max_elements(max_elements)
         self.upstream_terms = bool(upstream_terms)
-        self.route: str | None = None      # the flip passes' route (None: marginal_fast.ROUTE)
+        self.route = "auto"                 # the flip passes' route: "auto", "cpu" or "device"
 
     def signals(self, s: Sample) -> list[Tensor]:
         signals = downstream_signals(s.log_p, s.log_q)

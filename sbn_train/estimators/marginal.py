@@ -143,9 +143,9 @@ class Marginal(LayerwiseEstimator):
         self.n_samples = self.q_samples = int(n_samples)
         self.top_prior_at_mean = bool(top_prior_at_mean)
         self.unbiased = not self.top_prior_at_mean
-        #: the flip pass's route ("auto", "cpu", "device"; None: marginal_fast.ROUTE) and its scratch, owned by
-        #: this estimator (a replica group sets the device route and a workspace without scratch)
-        self.route: str | None = None
+        #: the flip pass's route ("auto", "cpu", "device") and its scratch, owned by this estimator (a
+        #: replica group sets the device route and a workspace without scratch)
+        self.route = "auto"
         self.workspace = Workspace()
 
     def deltas(self, model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor]) -> list[Tensor]:

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 from ..models import SBN, logit_of_uniform, softplus
-from .marginal_fast import Workspace, _chunked_layer, _entropy_sum, _log_prob_rank1, _rank1_pre, _Sample, _softplus_sum
+from .flip_common import SampleTerms, Workspace, _entropy_sum, _log_prob_rank1, _rank1_pre, _softplus_sum, chunked_layer
 
 
-class _DeviceSample(_Sample):
-    """:class:`._Sample` plus the per-entry terms the device route subtracts entry by entry."""
+class _DeviceSample(SampleTerms):
+    """:class:`.SampleTerms` plus the per-entry terms the device route subtracts entry by entry."""
 
     def log_sig(self, k: int) -> tuple[Tensor, Tensor]:
         """log sigmoid(pre) and log sigmoid(-pre) for the first affine map of p_k, ``[B, 1, h]``."""
@@ -60,7 +60,7 @@ def _entropy_change_sum(a: Tensor, s: _DeviceSample, k: int, t1: Tensor | None, 
     return h.addcmul_(a, sig, value=-1).sub_(s.q_entropy(k)).sum(-1)
 
 
-def _p_flip_term(model: SBN, s: _DeviceSample, l: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
+def _dense_p_flip_term(model: SBN, s: _DeviceSample, l: int, d: Tensor, start: int, ws: Workspace) -> Tensor:
     """log p(z_{l-1} | z'_l) - log p(z_{l-1} | z_l) for flipping units start..start+c-1 of layer l, ``[B, c]``."""
     net = model.p_nets[l - 1]
     if not net.is_linear:
@@ -74,7 +74,7 @@ def _p_flip_term(model: SBN, s: _DeviceSample, l: int, d: Tensor, start: int, ws
     return d * (s.below[l - 1] @ w) - _softplus_change_sum(x, s, l, ws)
 
 
-def _add_resimulated(delta: Tensor, model: SBN, s: _DeviceSample, l: int, d: Tensor, start: int,
+def _dense_add_resimulated(delta: Tensor, model: SBN, s: _DeviceSample, l: int, d: Tensor, start: int,
                      ws: Workspace) -> None:
     """Adds to ``delta [B, c]`` the terms of the layers above l after flipping units start..start+c-1 of
     layer l and re-simulating z'_{l+1..L} densely from the same uniforms (as marginal_fast._add_resimulated)."""
@@ -155,9 +155,9 @@ def flip_deltas_device(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
     deltas = []
     for l in range(1, L + 1):
         d = 1 - 2 * below[l]                                      # [B, H]: the change a flip makes
-        deltas.append(_chunked_layer(
+        deltas.append(chunked_layer(
             d, model.sizes, l, max_elements,
-            lambda d_sub, a2: _p_flip_term(model, s, l, d_sub, a2, ws),
-            lambda delta, d_sub, a: _add_resimulated(delta, model, s, l, d_sub, a, ws)))
+            lambda d_sub, a2: _dense_p_flip_term(model, s, l, d_sub, a2, ws),
+            lambda delta, d_sub, a: _dense_add_resimulated(delta, model, s, l, d_sub, a, ws)))
     return deltas
 
