@@ -112,7 +112,7 @@ class _StackedOptimizer:
                 entry[key] = torch.stack([o.state[old[i]][key].detach() if old[i] in o.state
                                           else torch.zeros_like(p[0]) for o, old in zip(opts, old_params)])
             steps = [o.state[old[i]]["step"] if old[i] in o.state else None for o, old in zip(opts, old_params)]
-            like = next((s for s in steps if s is not None), torch.tensor(0.0))
+            like = next((s for s in steps if s is not None), torch.zeros((), device=p.device))
             entry["step"] = torch.stack([(s if s is not None else torch.zeros_like(like)).detach().clone()
                                          for s in steps])
             self.state.append(entry)
@@ -307,7 +307,13 @@ class ReplicaGroup:
     def step(self) -> None:
         """One update of every replica (minibatch, uniforms, estimate, gradients, optimizers, running ELBO)."""
         xs, draws = self.draw()
-        g_model, g_est, elbo, metrics, state = self.gradients(xs, draws)
+        self.apply(*self.gradients(xs, draws))
+        for s in self.states:
+            s.elbo_n += 1
+
+    def apply(self, g_model: dict, g_est: dict, elbo: Tensor, metrics: dict, state: dict | None) -> None:
+        """The update from :meth:`gradients`: the estimator state, both optimizers, the running ELBO (device
+        work only: a CUDA graph captures it)."""
         if state is not None:                 # (the looped step updates the buffers in place)
             with torch.no_grad():
                 for n, b in self.buffers.items():
@@ -317,13 +323,76 @@ class ReplicaGroup:
             self.est_opt.step([g_est[n] for n in self.est_names])
         with torch.no_grad():
             self.elbo_sum += elbo.mean(-1)
-        for s in self.states:
-            s.elbo_n += 1
         self.last_metrics = metrics
 
     def replica_metrics(self, r: int) -> dict[str, Tensor]:
         """Replica r's estimator metrics of the last step (0-dim device tensors, as a standalone step's)."""
         return {k: v[r] for k, v in self.last_metrics.items()}
+
+
+class GraphedGroup:
+    """A group's step captured as one CUDA graph (``train.cuda_graph``, on for CUDA by default), as
+    :class:`sbn_train.graph.GraphStep` captures a run's: ``WARMUP_STEPS`` eager steps, then the capture of
+    every replica's minibatch (its permutation and position in static device tensors), uniforms, the vmapped
+    estimate, both optimizers and the running ELBO, with every replica's generator registered; then replays.
+    New epochs start between replays (all replicas share N and the batch size, so they start together).
+    A failed capture leaves one warning line and the group steps eagerly."""
+
+    def __init__(self, group: ReplicaGroup):
+        from .graph import WARMUP_STEPS
+        self.group, self.warmup = group, WARMUP_STEPS
+        self.graph = None
+        self.batches: list = []
+        self.metrics: dict = {}
+        self.warm, self.failed = 0, False
+
+    def __call__(self) -> None:
+        if self.failed or self.warm < self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.group.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm += 1
+            return
+        if self.graph is None:
+            from .graph import _DeviceBatches
+            self.batches = [_DeviceBatches(s.sampler) for s in self.group.states]
+            for b in self.batches:
+                b.before_step()
+            if not self._capture():
+                self.failed = True
+                self.group.step()
+                return
+        else:
+            for b in self.batches:
+                b.before_step()
+        self.graph.replay()
+        for b in self.batches:
+            b.after_step()
+        for s in self.group.states:
+            s.elbo_n += 1
+        self.group.last_metrics = self.metrics
+
+    def _capture(self) -> bool:
+        import logging
+        group = self.group
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for s in group.states:
+                graph.register_generator_state(s.generator)
+            with torch.cuda.graph(graph):
+                xs = torch.stack([b.batch().to(s.model.prior_logits.dtype)
+                                  for b, s in zip(self.batches, group.states)])
+                group.apply(*group.gradients(xs, group.draw_uniforms()))
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager step
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            logging.getLogger(__name__).warning("train.cuda_graph: capture of the replica group failed (%s); "
+                                                "the group steps eagerly", first[:200])
+            torch.cuda.synchronize()
+            return False
+        self.graph, self.metrics = graph, dict(group.last_metrics)
+        return True
 
 
 def group_bytes(per_run_peak: int, per_run_state: int, replicas: int) -> int:

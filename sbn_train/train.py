@@ -450,7 +450,7 @@ def _write_failed(out_dir: Path, error: BaseException) -> None:
 def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index: list[int]) -> None:
     """The replica group's loop: one group step, then each run's jobs; runs leave the group when they
     finish or fail (the group is rebuilt from the others), and a stop signal saves every run."""
-    from .replicas import GroupError, ReplicaGroup, check_fits
+    from .replicas import GraphedGroup, GroupError, ReplicaGroup, check_fits
 
     slot = {id(s): i for s, i in zip(live, index)}
     try:
@@ -527,8 +527,10 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
             break
         if group is None or group.states != [s.state for s in live]:
             group = holder[0] = ReplicaGroup([s.state for s in live])
+            graph = live[0].spec.settings.train.cuda_graph
+            step_group = GraphedGroup(group) if group.device.type == "cuda" and graph is not False else group.step
         faults.point("step", live[0].state.step + 1)
-        group.step()
+        step_group()
         for session in live:
             session.state.step += 1
             session.ctx.clock.tick()

@@ -83,12 +83,14 @@ def make(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, b
 
 
 def replica_step(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, batch: int,
-                 device: torch.device, r: int):
+                 device: torch.device, r: int, graph: bool = False):
     """A callable doing one training step of ``r`` runs (seeds 1..r, learning rates spread over a decade):
-    the ordinary TrainStep for r = 1, else one ReplicaGroup step."""
-    from sbn_train.replicas import ReplicaGroup
+    the ordinary TrainStep for r = 1, else one ReplicaGroup step; ``graph``: their CUDA-graph versions."""
+    from sbn_train.graph import GraphStep
+    from sbn_train.replicas import GraphedGroup, ReplicaGroup
     if r == 1:
-        return make(est_name, sizes, n_hidden, images, batch, device)
+        step = make(est_name, sizes, n_hidden, images, batch, device)
+        return GraphStep(step) if graph else step
     states = []
     for i in range(r):
         torch.manual_seed(i + 1)
@@ -96,42 +98,49 @@ def replica_step(est_name: str, sizes: list[int], n_hidden: int, images: torch.T
         est = build_estimator(est_name, model).to(device)
         states.append(TrainState.create(model, est, images, batch, OptimConfig(lr=1e-4 * 10 ** (i / max(r - 1, 1))),
                                         seed=i + 1))
-    return ReplicaGroup(states).step
+    group = ReplicaGroup(states)
+    return GraphedGroup(group) if graph else group.step
 
 
 def replicas(args, device, images) -> None:
-    """Aggregate steps/s (R runs' steps per second) and peak memory per R, interleaved rounds."""
+    """Aggregate steps/s (R runs' steps per second) and peak memory per R, interleaved rounds; on CUDA an
+    eager and a graph column per R."""
     rs = [int(v) for v in args.replicas.split(",")]
     names = [n for n in args.estimators.split(",") if n != "marginal_reference"]
-    print("R = 1 is the ordinary run (TrainStep); R > 1 one ReplicaGroup step (eager; the group step is not "
-          "captured as a CUDA graph)")
-    print(f"| model | estimator | batch | " + " | ".join(f"R={r} steps/s" for r in rs) + " | "
-          + " | ".join(f"R={r} / R=1" for r in rs[1:]) + (" | " + " | ".join(f"R={r} peak MB" for r in rs)
-                                                          if device.type == "cuda" else "") + " |")
+    modes = [False, True] if device.type == "cuda" else [False]
+    print("R = 1 is the ordinary run (TrainStep, or its GraphStep); R > 1 one ReplicaGroup step (or its graph); "
+          "steps/s counts every run's steps")
+    cols = [(r, g) for g in modes for r in rs]
+    label = {False: "eager", True: "graph"}
+    head = [f"R={r} {label[g]}" for r, g in cols] + [f"R={r}/R=1 {label[g]}" for r, g in cols if r != rs[0]]
+    if device.type == "cuda":
+        head += [f"R={r} peak MB" for r in rs]
+    print("| model | estimator | batch | " + " | ".join(head) + " |")
     for model_name in args.models.split(","):
         sizes, n_hidden = model_spec(model_name)
         batch = args.batch or paper_batch(model_name)
         for name in names:
             steps, peaks = {}, {}
-            for r in rs:
+            for r, g in cols:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                steps[r] = replica_step(name, sizes, n_hidden, images, batch, device, r)
-                steps[r]()
+                steps[r, g] = replica_step(name, sizes, n_hidden, images, batch, device, r, graph=g)
+                for _ in range(5 if g else 1):                  # a graph: warm-up steps, then the capture
+                    steps[r, g]()
                 sync(device)
-                if device.type == "cuda":
+                if device.type == "cuda" and not g:
                     peaks[r] = torch.cuda.max_memory_allocated(device) / 2**20
-            times = {r: [] for r in rs}
+            times = {c: [] for c in cols}
             for _ in range(args.rounds):
-                for r in rs:
+                for c in cols:
                     sync(device)
                     t0 = time.perf_counter()
-                    steps[r]()
+                    steps[c]()
                     sync(device)
-                    times[r].append(time.perf_counter() - t0)
-            rate = {r: r / statistics.median(times[r]) for r in rs}
-            row = [model_name, name, str(batch)] + [f"{rate[r]:,.0f}" for r in rs] \
-                + [f"{rate[r] / rate[rs[0]]:.2f}x" for r in rs[1:]]
+                    times[c].append(time.perf_counter() - t0)
+            rate = {(r, g): r / statistics.median(times[r, g]) for r, g in cols}
+            row = [model_name, name, str(batch)] + [f"{rate[c]:,.0f}" for c in cols] \
+                + [f"{rate[r, g] / rate[rs[0], g]:.2f}x" for r, g in cols if r != rs[0]]
             if device.type == "cuda":
                 row += [f"{peaks[r]:,.0f}" for r in rs]
             print("| " + " | ".join(row) + " |", flush=True)

@@ -19,14 +19,14 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cu
 PY
 nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv || true
 
-step "bench_step.py --replicas: aggregate steps/s and peak memory of replica groups (eager group step)"
+step "bench_step.py --replicas: aggregate steps/s and peak memory of replica groups, eager and graph"
 timeout 900 $PY scripts/bench_step.py --device cuda --replicas 1,4,16,64 --estimators reinforce,nvil,marginal \
     --rounds 10
 timeout 600 $PY scripts/bench_step.py --device cuda --replicas 1,16 --models sbn_4layer,sbn_nonlinear \
     --estimators nvil,marginal --rounds 5
 
 step "CUDA tests"
-timeout 900 $PY -m pytest -q -ra tests/test_graph_step.py tests/test_host_sync.py tests/test_marginal_device_route.py \
+timeout 900 $PY -m pytest -q -ra tests/test_graph_step.py tests/test_replicas.py tests/test_host_sync.py tests/test_marginal_device_route.py \
     tests/test_marginal_fast.py tests/test_data.py -k "cuda or graph or device or sync"
 
 step "bench_step.py: eager and graph, three models"

@@ -57,3 +57,17 @@ def test_batch_sizes_come_from_the_paper_schedules():
     assert bench_step.paper_batch("sbn_nonlinear") == 20       # configs/experiment/schedule/paper_sbn_nonlinear.yaml
     assert bench_step.paper_batch("sbn_2layer") == 100
     assert bench_step.paper_batch("sbn_1layer") == 100         # no schedule: the default config's batch size
+
+
+def test_replicas_table_reports_aggregate_rates_and_their_ratios():
+    out = bench("--models", "sbn_1layer", "--batch", "5", "--rounds", "2", "--replicas", "1,3",
+                "--estimators", "nvil,marginal")
+    assert out.returncode == 0, out.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| sbn_1layer")]
+    assert [r[1] for r in rows] == ["nvil", "marginal"]
+    for r in rows:                          # model, estimator, batch, R=1, R=3, R=3/R=1 (CPU: eager only)
+        assert len(r) == 6
+        r1, r3 = (float(v.replace(",", "")) for v in r[3:5])
+        # the ratio is printed from the unrounded rates: it agrees with the printed rates up to their rounding
+        assert abs(float(r[5].rstrip("x")) - r3 / r1) <= 0.005 + (0.5 * r3 + 0.5 * r1) / r1 ** 2 + 0.5 / r1
