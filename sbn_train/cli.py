@@ -4,8 +4,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+
+
+def _interrupted_at_start(signum, frame) -> None:
+    """Ctrl-C while the modules load (seconds, before any handler of the run exists): one line, no traceback.
+    Nothing has been written yet."""
+    sys.stderr.write(f"sbn-train: interrupted ({signal.Signals(signum).name}) during start-up, before "
+                     f"training began\n")
+    os._exit(128 + signum)
+
+
+_previous_sigint = signal.getsignal(signal.SIGINT)
+if Path(sys.argv[0]).name in ("sbn-train", "cli.py") and _previous_sigint is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
 
 # The 2.14 CPU build's AVX-512 log1p (softplus, logsigmoid) is several times slower than its AVX2 one;
 # must be set before torch is imported. An explicit setting by the user wins.
@@ -36,6 +50,8 @@ if Path(sys.argv[0]).name in ("sbn-train", "cli.py"):
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("sbn_groups", lambda: launch.group_options(), replace=True)
 register_configs()
+if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+    signal.signal(signal.SIGINT, _previous_sigint)   # from here on: KeyboardInterrupt, reported by main()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,7 +61,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: whether this process's current job has taken its run folder (``train.run``'s ``on_start``)
+_accepted: list[bool] = [False]
+
+
 def main_task(cfg: DictConfig) -> dict:
+    _accepted[0] = False
     from .launcher import setup_job
     setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
     from .estimators import estimator_from_config
@@ -59,6 +80,8 @@ def main_task(cfg: DictConfig) -> dict:
     out_dir = HydraConfig.get().runtime.output_dir
     torch.manual_seed(typed.seed)
     splits = load_data(OmegaConf.to_container(cfg.dataset, resolve=True))
+    from . import faults
+    faults.point("start", 0)
     train = splits.train.to(device)
     splits.train, splits.valid, splits.test = train, splits.valid.to(device), splits.test.to(device)
     model = SBN(train.shape[1], typed.model.latent_sizes, typed.model.n_hidden, x_mean=train.mean(0)).to(device)
@@ -73,7 +96,8 @@ def main_task(cfg: DictConfig) -> dict:
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)
     config = {**OmegaConf.to_container(cfg, resolve=True), "estimator_choice": choices.get("estimator")}
-    result = run(model, estimator, splits, settings, out_dir, hparams, config=config)
+    result = run(model, estimator, splits, settings, out_dir, hparams, config=config,
+                 on_start=lambda: _write_record(cfg, Path(out_dir)))
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics
@@ -107,6 +131,11 @@ def main() -> None:
         hydra_main()
     except launch.Refused as e:                   # a check before the run: nothing was written
         error, code = e.error, 2
+    except KeyboardInterrupt:                     # Ctrl-C before the run's own handlers (start-up)
+        _sweep_summary()
+        print("sbn-train: interrupted (SIGINT) " + ("before every run of the sweep had started; continue it with "
+              "train.resume=true" if launch.SWEEP else "during start-up, before training began"), file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as e:
         code = e.code
     except Exception as e:
@@ -166,16 +195,44 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+#: Hydra's record of a run's composed config, in the run folder (``hydra.output_subdir`` is null in
+#: configs/config.yaml: Hydra itself would write it before the run is checked, relabelling the run of a
+#: folder that a refused command names)
+RECORD = ".hydra"
+
+
+def _write_record(task: DictConfig, out_dir: Path) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` (as Hydra writes them), once the run has
+    taken its folder: a refused command never writes them."""
+    from .state import write_atomic
+    _accepted[0] = True
+    hydra_node = HydraConfig.instance().cfg
+    record = out_dir / RECORD
+    try:
+        record.mkdir(exist_ok=True)
+    except OSError as e:
+        from .state import RunError
+        raise RunError(f"cannot write {record}: {e.strerror or e}") from None
+    for name, node in (("config.yaml", task), ("hydra.yaml", hydra_node),
+                       ("overrides.yaml", HydraConfig.get().overrides.task)):
+        text = OmegaConf.to_yaml(node).encode()
+        write_atomic(record / name, lambda f, text=text: f.write(text))
+
+
 def _record_failure(e: Exception) -> None:
     """``failed.json`` in the run folder (written atomically: always valid JSON), so that reports list the run
-    as failed and say why. If the folder cannot be written either, one warning line says so."""
-    from .state import write_atomic
-    from .train import FAILED
+    as failed and say why. If the folder cannot be written either, one warning line says so. A command
+    refused before the folder was its own (busy, another run there, a changed config) writes nothing: the
+    folder belongs to the run that is there."""
+    from .state import RunRefused, write_atomic
+    from .train import FAILED, holds_run
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
+        if isinstance(e, RunRefused) or (not _accepted[0] and holds_run(out)):
+            return
         out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2)
-        write_atomic(out / FAILED, lambda tmp: tmp.write_text(text))
+        text = json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2).encode()
+        write_atomic(out / FAILED, lambda f: f.write(text))
     except Exception as err:  # noqa: BLE001 - reporting a failure must not hide it
         print(f"sbn-train: warning: could not record the failure in the run folder ({err})", file=sys.stderr)
 

@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from .models import SBN
 from .progress import Progress
 from .lock import FolderBusy, RunLock
 from .signals import Interrupted, StopSignals
-from .state import (RunError, TrainSampler, TrainState, load_checkpoint, make_optimizer, save_atomic,
-                    trajectory_config, write_atomic)
+from .state import (RunError, RunRefused, TrainSampler, TrainState, config_changes, load_checkpoint, make_optimizer,
+                    save_atomic, trajectory_config, write_atomic)
 
 __all__ = ["BEST", "CHECKPOINT", "FAILED", "RESULTS", "RunError", "RunResult", "RunSettings", "Stopped", "TrainSampler",
            "TrainState", "TrainStep", "evaluate", "evaluate_test", "load_checkpoint", "make_optimizer", "run",
@@ -141,19 +141,39 @@ def evaluate_test(model: SBN, data: torch.Tensor, cfg: TestConfig, show: bool = 
     return summarize("test", elbo, iwae, cfg.iwae_k, with_se=True)
 
 
+#: the files a run writes in its folder; the only ones it ever deletes (with ``train.overwrite=true``)
+OWNED = (CHECKPOINT, BEST, RESULTS, FAILED)
+#: ... and by pattern: TensorBoard's event files, and the temporary files of an interrupted atomic write
+OWNED_PATTERNS = ("events.out.tfevents.*", *(f".{name}.*.tmp" for name in OWNED))
+
+
+def owned_files(out_dir: Path) -> list[Path]:
+    """The files in ``out_dir`` that a run wrote (checkpoints, results, events, temporary files)."""
+    found = [out_dir / name for name in OWNED if (out_dir / name).exists()]
+    return found + sorted(p for pattern in OWNED_PATTERNS for p in out_dir.glob(pattern))
+
+
+def holds_run(out_dir: Path) -> bool:
+    """True if ``out_dir`` holds (part of) a previous run: checkpoint, best model, results or events."""
+    return any(p.name != FAILED for p in owned_files(out_dir) if not p.name.endswith(".tmp"))
+
+
 def prepare_folder(out_dir: Path, cfg: TrainConfig) -> Path | None:
-    """Return the checkpoint to resume from (or None); refuse to overwrite a previous run by accident."""
+    """Return the checkpoint to resume from (or None); refuse to overwrite a previous run by accident.
+
+    Only ``train.overwrite=true`` deletes anything, and only the files the run owns (:func:`owned_files`);
+    other files in the folder are never touched. A resume of a folder without a checkpoint returns None:
+    :func:`check_resume` decides whether that is a finished run, a fresh folder, or a refusal."""
     ckpt = out_dir / CHECKPOINT
-    old = [p for p in out_dir.glob("events.out.tfevents.*")] + [p for p in (ckpt, out_dir / RESULTS) if p.exists()]
+    if cfg.overwrite:
+        for p in owned_files(out_dir):
+            p.unlink(missing_ok=True)
+        return None
     if cfg.resume:
-        if ckpt.exists():
-            return ckpt
-        log.warning("train.resume=true but %s has no checkpoint: starting from step 0", out_dir)
-    elif old and not cfg.overwrite:
-        raise RunError(f"{out_dir} already holds a run{_saved_step(ckpt)}. Continue it with train.resume=true, "
-                       f"discard it with train.overwrite=true, or set hydra.run.dir=<another folder>")
-    for p in set(old) | set(out_dir.glob("*.pt")):
-        p.unlink(missing_ok=True)
+        return ckpt if ckpt.exists() else None
+    if holds_run(out_dir):
+        raise RunRefused(f"{out_dir} already holds a run{_saved_step(ckpt)}. Continue it with train.resume=true, "
+                         f"discard it with train.overwrite=true, or set hydra.run.dir=<another folder>")
     return None
 
 
@@ -165,21 +185,73 @@ def _saved_step(ckpt: Path) -> str:
         return ""
 
 
-def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
-    """The stored result of a run in ``out_dir`` that already reached ``cfg.max_steps``, else None."""
+def _read_results(out_dir: Path) -> dict | None:
     try:
         results = json.loads((out_dir / RESULTS).read_text())
     except (OSError, ValueError):
         return None
-    if results.get("status") != "finished" or int(results.get("step", -1)) != cfg.max_steps:
+    return results if isinstance(results, dict) else None
+
+
+def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
+    """The stored result of a run in ``out_dir`` that already reached ``cfg.max_steps``, else None."""
+    results = _read_results(out_dir)
+    if results is None or results.get("status") != "finished" or not isinstance(results.get("metrics"), dict):
         return None
-    return RunResult(step=int(results["step"]), metrics=results["metrics"], out_dir=str(out_dir))
+    try:
+        step = int(results.get("step", -1))
+    except (TypeError, ValueError):
+        return None
+    if step != cfg.max_steps:
+        return None
+    return RunResult(step=step, metrics=results["metrics"], out_dir=str(out_dir))
+
+
+def _hparam_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for the recorded hyperparameters that fix the trajectory (results.json written
+    before it held the trajectory config: everything but the run's length)."""
+    return [f"{k}: {old[k]} -> {new[k]}" for k in sorted(set(old) & set(new))
+            if k != "max_steps" and old[k] != new[k]]
+
+
+def check_resume(out_dir: Path, cfg: TrainConfig, resume_from: Path | None, config: dict[str, Any],
+                 hparams: dict[str, Any]) -> RunResult | None:
+    """Before a resume writes anything: compare the command's trajectory config with the run's own record
+    (its checkpoint's, else its results.json's), finished or not, and refuse a change. Returns the stored
+    result of a run that already reached ``cfg.max_steps`` (nothing to do), else None (train on). A run
+    without its checkpoint that has not finished is refused: it cannot continue, and its files stay."""
+    results = _read_results(out_dir)
+    if resume_from is not None:
+        recorded, what = load_checkpoint(resume_from, torch.device("cpu")).get("config"), resume_from
+    else:
+        recorded, what = (results or {}).get("config"), out_dir / RESULTS
+    if isinstance(recorded, dict) and config:
+        changes = config_changes(recorded, config)
+    elif results is not None and isinstance(results.get("hparams"), dict) and hparams:
+        changes = _hparam_changes(results["hparams"], hparams)
+    else:
+        changes = []
+    if changes:
+        raise RunRefused(f"cannot resume {out_dir}: the config differs from the run's ({'; '.join(changes)}; "
+                         f"recorded in {what}). Use the run's settings, start again with train.overwrite=true, "
+                         f"or set hydra.run.dir=<another folder>")
+    done = finished_result(out_dir, cfg)
+    if done is not None or resume_from is not None:
+        return done
+    if holds_run(out_dir):
+        raise RunRefused(f"cannot resume {out_dir}: it has no {CHECKPOINT} (deleted?), and its run has not "
+                         f"finished at train.max_steps={cfg.max_steps}"
+                         + (f" (results.json: step {results.get('step')})" if results else "")
+                         + ". Nothing was changed there. Restore the checkpoint, start again with "
+                           "train.overwrite=true, or set hydra.run.dir=<another folder>")
+    log.warning("train.resume=true but %s holds no run: starting from step 0", out_dir)
+    return None
 
 
 def _write_results(out_dir: Path, results: dict) -> None:
     """results.json, atomically (a failed write leaves no file behind and says which path and why)."""
     text = json.dumps(results, indent=2, default=str)
-    write_atomic(out_dir / RESULTS, lambda tmp: tmp.write_text(text), ("results", int(results.get("step", -1))))
+    write_atomic(out_dir / RESULTS, lambda f: f.write(text.encode()), ("results", int(results.get("step", -1))))
 
 
 def make_step(state: TrainState, cuda_graph: bool | None):
@@ -267,41 +339,47 @@ def train_loop(ctx: Context, step_fn, jobs: list[Job], max_steps: int, stop: Sto
 
 
 def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings, out_dir: str | Path,
-        hparams: dict[str, Any] | None = None, config: dict | None = None) -> RunResult:
+        hparams: dict[str, Any] | None = None, config: dict | None = None,
+        on_start: Callable[[], None] | None = None) -> RunResult:
     """Train ``model`` with ``estimator``, log to TensorBoard in ``out_dir``, then test the best model
     (unless ``settings.test`` is None or disabled) and write ``results.json``.
 
     ``config`` (the composed config as a plain dict) is recorded in the checkpoint; a resume whose config
-    differs in a key that changes the trajectory is refused. The folder is locked for the whole run.
+    differs in a key that changes the trajectory is refused (:func:`check_resume`), finished or not. The
+    folder is locked for the whole run; ``on_start`` is called once the folder is checked and is this run's
+    (a refused command never reaches it).
     Raises :class:`Stopped` after saving when a stop signal arrives."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = RunLock(out_dir).acquire()
     except FolderBusy as e:
-        raise RunError(str(e)) from None
+        raise RunRefused(str(e)) from None
     try:
         with StopSignals() as stop:
-            return _run_locked(model, estimator, splits, settings, out_dir, hparams, config, stop)
+            return _run_locked(model, estimator, splits, settings, out_dir, hparams, config, stop, on_start)
     finally:
         lock.release()
 
 
 def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, hparams, config,
-                stop: StopSignals) -> RunResult:
+                stop: StopSignals, on_start=None) -> RunResult:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     tr = settings.train
+    trajectory = trajectory_config(config) if config else {}
     resume_from = prepare_folder(out_dir, tr)
+    done = check_resume(out_dir, tr, resume_from, trajectory, hparams or {}) if tr.resume else None
+    if on_start is not None:
+        on_start()                            # the folder is this command's now: its record may be written
     (out_dir / FAILED).unlink(missing_ok=True)
-    done = finished_result(out_dir, tr) if resume_from is not None else None
     if done is not None:
         log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
         return done
 
     state = TrainState.create(model, estimator, splits.train, tr.batch_size, settings.optim, settings.seed)
-    state.config = trajectory_config(config) if config else {}
+    state.config = trajectory
     if resume_from is not None:
         state.load(resume_from)
         log.info("resumed from %s at step %d", resume_from, state.step)
@@ -335,7 +413,7 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
                 raise Stopped(stop.signum, state.step) from None
         with stop.shielded():
             _write_results(out_dir, {"step": state.step, "status": "finished", "metrics": metrics,
-                                     "hparams": hparams or {}})
+                                     "hparams": hparams or {}, "config": state.config})
             ctx.write({k: v for k, v in metrics.items() if k.startswith("test/") and registry.lookup(k).scalar},
                       state.step)
             if hparams:
