@@ -65,8 +65,12 @@ def resolve_device(name: str) -> torch.device:
 _accepted: list[bool] = [False]
 
 
+#: the config of this process's current job (recorded with its failure, in a folder that holds no run)
+_task: list[DictConfig | None] = [None]
+
+
 def main_task(cfg: DictConfig) -> dict:
-    _accepted[0] = False
+    _accepted[0], _task[0] = False, cfg
     from .launcher import setup_job
     setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
     from .estimators import estimator_from_config
@@ -171,6 +175,8 @@ def hydra_main(cfg: DictConfig) -> float:
         print(f"sbn-train: {e}; continue with: {resume_command()}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except Exception as e:
+        if isinstance(e, OSError) and not e.filename:
+            e = _in_run_folder(e)
         _record_failure(e)
         if not isinstance(e, _expected_errors()):
             raise
@@ -179,6 +185,17 @@ def hydra_main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise   # Hydra records the failed job and goes on with the sweep
         sys.exit(2)
+
+
+def _in_run_folder(e: OSError) -> Exception:
+    """An error of a write with no file name (TensorBoard's event writer, a full disk) with the run folder
+    named, and what to do for a full disk or a file-size limit."""
+    import errno
+    folder = HydraConfig.get().runtime.output_dir
+    hint = ("; free space there, or set hydra.run.dir=<another folder>"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+    from .state import RunError
+    return RunError(f"cannot write in the run folder {folder}: {e.strerror or e}{hint}")
 
 
 def resume_command() -> str:
@@ -233,6 +250,8 @@ def _record_failure(e: Exception) -> None:
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2).encode()
         write_atomic(out / FAILED, lambda f: f.write(text))
+        if not _accepted[0] and _task[0] is not None:
+            _write_record(_task[0], out)          # the folder holds no other run: this one's record
     except Exception as err:  # noqa: BLE001 - reporting a failure must not hide it
         print(f"sbn-train: warning: could not record the failure in the run folder ({err})", file=sys.stderr)
 

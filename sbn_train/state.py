@@ -8,6 +8,7 @@ nothing in a checkpoint file can run code.
 """
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -148,6 +149,9 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
         why = "it is a folder"
     except PermissionError:
         why = "permission denied"
+    except OSError as e:                # e.g. EINVAL: a seek past the end of a cut archive
+        why = ("the file is cut short or is not a checkpoint" if e.errno == errno.EINVAL else
+               f"{e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: torch's archive/zip errors vary
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         why = f"the file is cut short or is not a checkpoint: {first[:160]}"

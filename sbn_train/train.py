@@ -371,12 +371,12 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
     trajectory = trajectory_config(config) if config else {}
     resume_from = prepare_folder(out_dir, tr)
     done = check_resume(out_dir, tr, resume_from, trajectory, hparams or {}) if tr.resume else None
+    if done is not None:                      # nothing to do, and nothing written: the record stays the run's
+        log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
+        return done
     if on_start is not None:
         on_start()                            # the folder is this command's now: its record may be written
     (out_dir / FAILED).unlink(missing_ok=True)
-    if done is not None:
-        log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
-        return done
 
     state = TrainState.create(model, estimator, splits.train, tr.batch_size, settings.optim, settings.seed)
     state.config = trajectory
