@@ -111,6 +111,9 @@ def _read_run(folder: Path) -> Run:
     try:
         if problem:
             raise ValueError(problem)
+        if who["model"] == "?":
+            raise ValueError("no readable config record (no config in results.json or checkpoint.pt, and "
+                             ".hydra/config.yaml or hydra.yaml missing, empty or cut)")
         if data is not None:
             run.metrics, run.step = data.get("metrics", {}), data.get("step", run.step)
             run.status = "finished" if data.get("status", "finished") == "finished" else "unfinished"
