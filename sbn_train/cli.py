@@ -137,8 +137,9 @@ def main() -> None:
         error, code = e.error, 2
     except KeyboardInterrupt:                     # Ctrl-C before the run's own handlers (start-up)
         _sweep_summary()
-        print("sbn-train: interrupted (SIGINT) " + ("before every run of the sweep had started; continue it with "
-              "train.resume=true" if launch.SWEEP else "during start-up, before training began"), file=sys.stderr)
+        print("sbn-train: sweep interrupted (SIGINT); runs that had started saved their step: continue it with "
+              "train.resume=true" if launch.SWEEP else
+              "sbn-train: interrupted (SIGINT) during start-up, before training began", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except SystemExit as e:
         code = e.code
