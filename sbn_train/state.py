@@ -34,6 +34,15 @@ class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+class CheckpointUnreadable(RunError):
+    """A checkpoint file that cannot be read; ``why`` says what is wrong with it."""
+
+    def __init__(self, path: Path, why: str):
+        self.path, self.why = path, why
+        super().__init__(f"cannot read checkpoint {path} ({why}). Delete it (or restore it from a copy), or "
+                         f"start again with train.overwrite=true")
+
+
 class RunRefused(RunError):
     """A command refused before the run folder became its own (the folder is busy, holds another run, or
     holds a run whose config differs): nothing is written into the folder, not even failed.json."""
@@ -155,8 +164,7 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: torch's archive/zip errors vary
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         why = f"the file is cut short or is not a checkpoint: {first[:160]}"
-    raise RunError(f"cannot read checkpoint {path} ({why}). Delete it (or restore it from a copy), or start "
-                   f"again with train.overwrite=true") from None
+    raise CheckpointUnreadable(path, why) from None
 
 
 def state_dict_mismatch(e: BaseException) -> str:
@@ -164,7 +172,7 @@ def state_dict_mismatch(e: BaseException) -> str:
     ...``) instead of its heading ``Error(s) in loading state_dict for SBN:``."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     detail = [line for line in lines if not line.startswith("Error(s) in loading")]
-    return ((detail or lines or [type(e).__name__])[0])[:200]
+    return ((detail or lines or [type(e).__name__])[0])[:200].rstrip(".")
 
 
 @dataclass

@@ -66,11 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_weights(checkpoint: Path) -> dict:
     """The model weights of a checkpoint.pt / best.pt, read as the CLI reads them (tensors and plain data only:
     nothing in the file can run code); one line (SystemExit) naming the file if it cannot be used."""
-    from sbn_train.state import RunError, load_checkpoint
+    from sbn_train.state import CheckpointUnreadable, load_checkpoint
     try:
         state = load_checkpoint(checkpoint, torch.device("cpu"))
-    except RunError as e:
-        raise SystemExit(f"compare_paper_code: error: {e}") from None
+    except CheckpointUnreadable as e:
+        raise SystemExit(f"compare_paper_code: error: cannot read checkpoint {checkpoint} ({e.why}); pass a "
+                         f"checkpoint.pt or best.pt written by sbn-train") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise SystemExit(f"compare_paper_code: error: {checkpoint} holds no model weights (not a checkpoint.pt "
                          f"or best.pt written by sbn-train)")
