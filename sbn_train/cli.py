@@ -4,8 +4,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+
+
+def _interrupted_at_start(signum, frame) -> None:
+    """Ctrl-C while the modules load (seconds, before any handler of the run exists): one line, no traceback.
+    Nothing has been written yet."""
+    sys.stderr.write(f"sbn-train: interrupted ({signal.Signals(signum).name}) during start-up, before "
+                     f"training began\n")
+    os._exit(128 + signum)
+
+
+_previous_sigint = signal.getsignal(signal.SIGINT)
+if Path(sys.argv[0]).name in ("sbn-train", "cli.py") and _previous_sigint is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
 
 # The 2.14 CPU build's AVX-512 log1p (softplus, logsigmoid) is several times slower than its AVX2 one;
 # must be set before torch is imported. An explicit setting by the user wins.
@@ -36,6 +50,8 @@ if Path(sys.argv[0]).name in ("sbn-train", "cli.py"):
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("sbn_groups", lambda: launch.group_options(), replace=True)
 register_configs()
+if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+    signal.signal(signal.SIGINT, _previous_sigint)   # from here on: KeyboardInterrupt, reported by main()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,9 +61,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: whether this process's current job has taken its run folder (``train.run``'s ``on_start``)
+_accepted: list[bool] = [False]
+
+
+#: the config of this process's current job (recorded with its failure, in a folder that holds no run)
+_task: list[DictConfig | None] = [None]
+
+
 def job_spec(cfg: DictConfig, data_cache: dict | None = None):
     """The :class:`~sbn_train.train.RunSpec` of the job Hydra is running (typed settings, data, model and
-    estimator); ``data_cache`` shares the loaded splits between the jobs of a replica group."""
+    estimator, and the record of its config that the run writes once its folder is its own); ``data_cache``
+    shares the loaded splits between the jobs of a replica group."""
     from .estimators import estimator_from_config
     from .models import SBN
     from .train import RunSettings, RunSpec
@@ -63,6 +88,8 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
         splits = data_cache[key]
     else:
         splits = load_data(options)
+        from . import faults
+        faults.point("start", 0)
         splits.train, splits.valid, splits.test = (splits.train.to(device), splits.valid.to(device),
                                                    splits.test.to(device))
         if data_cache is not None:
@@ -80,10 +107,13 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)
     config = {**OmegaConf.to_container(cfg, resolve=True), "estimator_choice": choices.get("estimator")}
-    return RunSpec(model, estimator, splits, settings, Path(out_dir), hparams, config)
+    record = record_texts(cfg)
+    return RunSpec(model, estimator, splits, settings, Path(out_dir), hparams, config,
+                   on_start=lambda: _write_record(record, Path(out_dir)))
 
 
 def main_task(cfg: DictConfig) -> dict:
+    _accepted[0], _task[0] = False, cfg
     from .launcher import setup_job
     setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
     from .train import run
@@ -91,7 +121,7 @@ def main_task(cfg: DictConfig) -> dict:
     spec = job_spec(cfg)
     log.info("run folder: %s", spec.out_dir)
     result = run(spec.model, spec.estimator, spec.splits, spec.settings, spec.out_dir, spec.hparams,
-                 config=spec.config)
+                 config=spec.config, on_start=spec.on_start)
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics
@@ -126,6 +156,12 @@ def main() -> None:
         groups.run_deferred(resume_args=sys.argv[1:])   # the jobs of a sweep with train.replicas > 1
     except launch.Refused as e:                   # a check before the run: nothing was written
         error, code = e.error, 2
+    except KeyboardInterrupt:                     # Ctrl-C before the run's own handlers (start-up)
+        _sweep_summary()
+        print("sbn-train: sweep interrupted (SIGINT); runs that had started saved their step: continue it with "
+              "train.resume=true" if launch.SWEEP else
+              "sbn-train: interrupted (SIGINT) during start-up, before training began", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as e:
         code = e.code
     except Exception as e:
@@ -156,6 +192,7 @@ def hydra_main(cfg: DictConfig) -> float:
     """Returns the run's best validation bound (the objective of the lr_search sweeper)."""
     from .train import Stopped
     if HydraConfig.get().mode.name == "MULTIRUN" and cfg.train.replicas > 1:
+        _accepted[0], _task[0] = False, cfg
         try:
             groups.defer(cfg)
         except Exception as e:
@@ -171,6 +208,8 @@ def hydra_main(cfg: DictConfig) -> float:
         print(f"sbn-train: {e}; continue with: {resume_command()}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except Exception as e:
+        if isinstance(e, OSError) and not e.filename:
+            e = _in_run_folder(e)
         _record_failure(e)
         if not isinstance(e, _expected_errors()):
             raise
@@ -179,6 +218,17 @@ def hydra_main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise   # Hydra records the failed job and goes on with the sweep
         sys.exit(2)
+
+
+def _in_run_folder(e: OSError) -> Exception:
+    """An error of a write with no file name (TensorBoard's event writer, a full disk) with the run folder
+    named, and what to do for a full disk or a file-size limit."""
+    import errno
+    folder = HydraConfig.get().runtime.output_dir
+    hint = ("; free space there, or set hydra.run.dir=<another folder>"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+    from .state import RunError
+    return RunError(f"cannot write in the run folder {folder}: {e.strerror or e}{hint}")
 
 
 def resume_command() -> str:
@@ -195,16 +245,50 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+#: Hydra's record of a run's composed config, in the run folder (``hydra.output_subdir`` is null in
+#: configs/config.yaml: Hydra itself would write it before the run is checked, relabelling the run of a
+#: folder that a refused command names)
+RECORD = ".hydra"
+
+
+def record_texts(task: DictConfig) -> dict[str, bytes]:
+    """The job's ``.hydra`` record as Hydra writes it (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``),
+    rendered while its job runs (a replica group writes it later)."""
+    return {name: OmegaConf.to_yaml(node).encode()
+            for name, node in (("config.yaml", task), ("hydra.yaml", HydraConfig.instance().cfg),
+                               ("overrides.yaml", HydraConfig.get().overrides.task))}
+
+
+def _write_record(texts: dict[str, bytes], out_dir: Path) -> None:
+    """The ``.hydra`` record, once the run has taken its folder: a refused command never writes it."""
+    from .state import write_atomic
+    _accepted[0] = True
+    record = out_dir / RECORD
+    try:
+        record.mkdir(exist_ok=True)
+    except OSError as e:
+        from .state import RunError
+        raise RunError(f"cannot write {record}: {e.strerror or e}") from None
+    for name, text in texts.items():
+        write_atomic(record / name, lambda f, text=text: f.write(text))
+
+
 def _record_failure(e: Exception) -> None:
     """``failed.json`` in the run folder (written atomically: always valid JSON), so that reports list the run
-    as failed and say why. If the folder cannot be written either, one warning line says so."""
-    from .state import write_atomic
-    from .train import FAILED
+    as failed and say why. If the folder cannot be written either, one warning line says so. A command
+    refused before the folder was its own (busy, another run there, a changed config) writes nothing: the
+    folder belongs to the run that is there."""
+    from .state import RunRefused, write_atomic
+    from .train import FAILED, holds_run
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
+        if isinstance(e, RunRefused) or (not _accepted[0] and holds_run(out)):
+            return
         out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2)
-        write_atomic(out / FAILED, lambda tmp: tmp.write_text(text))
+        text = json.dumps({"error": f"{type(e).__name__}: {e}"}, indent=2).encode()
+        write_atomic(out / FAILED, lambda f: f.write(text))
+        if not _accepted[0] and _task[0] is not None:
+            _write_record(record_texts(_task[0]), out)   # the folder holds no other run: this one's record
     except Exception as err:  # noqa: BLE001 - reporting a failure must not hide it
         print(f"sbn-train: warning: could not record the failure in the run folder ({err})", file=sys.stderr)
 

@@ -76,9 +76,9 @@ def check_run(task: DictConfig) -> None:
 
 
 def holds_run(folder: Path) -> bool:
-    """True if ``folder`` holds (part of) a previous run: checkpoint, results or TensorBoard events."""
-    from .train import CHECKPOINT, RESULTS
-    return (folder / CHECKPOINT).exists() or (folder / RESULTS).exists() or any(folder.glob("events.out.tfevents.*"))
+    """True if ``folder`` holds (part of) a previous run: checkpoint, best model, results or TensorBoard events."""
+    from .train import holds_run as held
+    return held(folder)
 
 
 class Refused(BaseException):
@@ -127,12 +127,13 @@ class Outcome:
 
 
 def sweep_outcomes(sweep_dir: Path, since: float) -> list[Outcome]:
-    """The jobs of the sweep started at ``since`` (Hydra wrote their ``.hydra/`` record after it)."""
+    """The jobs of the sweep started at ``since``: the runs that wrote their ``.hydra/`` record after it, and
+    the jobs that failed before their run started (a failed.json after it). A job refused before its folder
+    was its own (busy, a changed config) writes nothing there; its error line is all it leaves."""
     out = []
-    for record in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
-        folder = record.parent.parent
-        if record.stat().st_mtime < since - 1:
-            continue
+    records = [p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml") if p.stat().st_mtime >= since - 1]
+    failures = [p.parent for p in sweep_dir.rglob("failed.json") if p.stat().st_mtime >= since - 1]
+    for folder in sorted(set(records) | set(failures)):
         failed, results = folder / "failed.json", folder / "results.json"
         if failed.exists() and failed.stat().st_mtime >= since - 1:
             try:
@@ -172,6 +173,10 @@ def one_line(e: BaseException) -> str:
         except ConfigError as err:
             return str(err)
     first = (str(e).strip().splitlines() or [type(e).__name__])[0].removeprefix("In 'config': ").rstrip(".")
+    if first.startswith("Unable to configure handler") and isinstance(cause, OSError):
+        # Hydra's log file in the run folder (a read-only or full folder): say which file, and why
+        return (f"cannot write the log file {cause.filename}: {cause.strerror or cause}. Make the folder "
+                f"writable, or set hydra.run.dir=<another folder>")
     if isinstance(e, MissingConfigException) and e.options:
         return f"{first}; options: {', '.join(sorted(e.options))}"
     if isinstance(e, ConfigCompositionException) and cause is not None and str(cause).strip():

@@ -68,9 +68,10 @@ def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     try:
-        fd = os.open(_current_lock[0], os.O_RDWR | os.O_CREAT, 0o644)
+        from .lock import open_lock_file
+        fd = open_lock_file(_current_lock[0])
         fcntl.flock(fd, fcntl.LOCK_EX)            # held by the run until it has saved and stopped
-    except OSError:                               # no folder to wait for: nothing to save either
+    except (OSError, RuntimeError):               # no folder (or no lock) to wait for: nothing to save either
         pass
     time.sleep(1.0)                               # the job's thread prints where it stopped
     os._exit(128 + signal.SIGTERM)

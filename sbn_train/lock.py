@@ -1,7 +1,7 @@
 """One writer per run folder, and no orphaned workers.
 
 :class:`RunLock` holds an exclusive ``flock`` on ``<run folder>/run.lock`` for the whole run and writes its
-pid there. The kernel releases the lock when the process dies (even by SIGKILL), so a stale lock file never
+pid there (opened without following a symbolic link). The kernel releases the lock when the process dies (even by SIGKILL), so a stale lock file never
 blocks a resume, while a live holder (a second command on the same folder, or a worker of a killed sweep
 still running) refuses the newcomer with one line naming its pid.
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import signal
+import stat
 from pathlib import Path
 
 LOCK = "run.lock"
@@ -31,7 +33,7 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,6 +57,23 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def open_lock_file(path: Path) -> int:
+    """Open (or create) a lock file without following a symbolic link (``O_NOFOLLOW``): a link planted at
+    ``run.lock`` would have the pid written into its target. A link, or anything but a regular file, there
+    is a :class:`FolderBusy` error naming the path."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FolderBusy(f"{path} is a symbolic link; a run never writes through one. Remove it, or set "
+                             f"hydra.run.dir=<another folder>") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FolderBusy(f"{path} is not a regular file. Remove it, or set hydra.run.dir=<another folder>")
+    return fd
 
 
 def die_with_parent() -> None:

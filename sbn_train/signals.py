@@ -1,5 +1,6 @@
-"""Clean stops: SIGINT (Ctrl-C), SIGTERM and the scheduler's preemption signal (SIGUSR2, as submitit and
-SLURM's ``--signal`` use it) end a run at a point where its state can be saved.
+"""Clean stops: SIGINT (Ctrl-C), SIGTERM, SIGHUP (the terminal or ssh session closed) and the scheduler's
+preemption signal (SIGUSR2, as submitit and SLURM's ``--signal`` use it) end a run at a point where its
+state can be saved.
 
 While a training step runs, a signal only sets a flag: the step finishes (an optimizer update is never
 cut in half) and the loop saves and stops after it. While a measurement runs (evaluation, variance probe,
@@ -16,7 +17,7 @@ import signal
 from typing import Iterator
 
 #: the signals that stop a run cleanly
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
 
 
 class Interrupted(BaseException):

@@ -8,17 +8,21 @@ nothing in a checkpoint file can run code.
 """
 from __future__ import annotations
 
+import errno
+import io
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
 
 from . import faults
 from .config import OptimConfig
+from .data.cache import create_temp_beside
 from .data import TrainSampler
 from .estimators import Estimator
 from .models import SBN
@@ -28,6 +32,20 @@ CHECKPOINT_FORMAT = 1
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+class CheckpointUnreadable(RunError):
+    """A checkpoint file that cannot be read; ``why`` says what is wrong with it."""
+
+    def __init__(self, path: Path, why: str):
+        self.path, self.why = path, why
+        super().__init__(f"cannot read checkpoint {path} ({why}). Delete it (or restore it from a copy), or "
+                         f"start again with train.overwrite=true")
+
+
+class RunRefused(RunError):
+    """A command refused before the run folder became its own (the folder is busy, holds another run, or
+    holds a run whose config differs): nothing is written into the folder, not even failed.json."""
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig, capturable: bool = False) -> torch.optim.Optimizer:
@@ -43,25 +61,46 @@ def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig, capturable: boo
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], fault: tuple[str, int] | None = None) -> None:
-    """``write(tmp)`` to a temporary file in the same folder, then rename: a kill never leaves a partial file,
-    and a failed write (disk full, unwritable folder) leaves the previous file, no temporary one, and a
-    one-line :class:`RunError` naming the path. ``fault``: the fault-injection point between the two."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], fault: tuple[str, int] | None = None) -> None:
+    """``write(f)`` to a new, uniquely named temporary file in the same folder (created with ``O_EXCL``, so a
+    symbolic link planted there is never followed), fsync it, rename it over ``path``, fsync the folder: a
+    kill never leaves a partial file, and a failed write (disk full, unwritable folder) leaves the previous
+    file, no temporary one, and a one-line :class:`RunError` naming the path. ``fault``: the
+    fault-injection point between the write and the rename."""
+    tmp: str | None = None
     try:
-        write(tmp)
+        fd, tmp = create_temp_beside(str(path), ".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         if fault is not None:
             faults.point(*fault)
         os.replace(tmp, path)
+        tmp = None
+        _fsync_folder(path.parent)
     except OSError as e:
         raise RunError(f"cannot write {path}: {e.strerror or e}") from None
-    except RuntimeError as e:             # torch.save reports a failed write as a RuntimeError
-        raise RunError(f"cannot write {path}: {str(e).splitlines()[0][:200]}") from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def compact(obj: Any) -> Any:
@@ -78,10 +117,13 @@ def compact(obj: Any) -> Any:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` through :func:`write_atomic` (views copied out: :func:`compact`)."""
+    """``torch.save`` through :func:`write_atomic` (views copied out: :func:`compact`). The bytes are built in
+    memory first, so a failed write is the operating system's own error (e.g. "No space left on device"), not
+    the archive writer's."""
     step = int(obj.get("step", -1)) if isinstance(obj, dict) else -1
-    obj = compact(obj)
-    write_atomic(path, lambda tmp: torch.save(obj, tmp), ("checkpoint", step))
+    buffer = io.BytesIO()
+    torch.save(compact(obj), buffer)
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()), ("checkpoint", step))
 
 
 #: config keys that may differ between a run and its resumption (they do not change the trajectory of the
@@ -122,10 +164,29 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     """A checkpoint's contents; only tensors, containers, numbers and strings are admitted (no code runs)."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or holding objects other than plain data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"cannot read checkpoint {path} ({first[:200]}). Delete it, or start again with "
-                       f"train.overwrite=true") from None
+    except pickle.UnpicklingError:      # weights_only refused a global: the file would build other objects
+        why = "refused: the file holds objects other than tensors, numbers and strings"
+    except FileNotFoundError:
+        why = "no such file"
+    except IsADirectoryError:
+        why = "it is a folder"
+    except PermissionError:
+        why = "permission denied"
+    except OSError as e:                # e.g. EINVAL: a seek past the end of a cut archive
+        why = ("the file is cut short or is not a checkpoint" if e.errno == errno.EINVAL else
+               f"{e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: torch's archive/zip errors vary
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = f"the file is cut short or is not a checkpoint: {first[:160]}"
+    raise CheckpointUnreadable(path, why) from None
+
+
+def state_dict_mismatch(e: BaseException) -> str:
+    """The first specific line of a ``load_state_dict`` error (``Missing key(s) ...``, ``size mismatch for
+    ...``) instead of its heading ``Error(s) in loading state_dict for SBN:``."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    detail = [line for line in lines if not line.startswith("Error(s) in loading")]
+    return ((detail or lines or [type(e).__name__])[0])[:200].rstrip(".")
 
 
 @dataclass
@@ -231,8 +292,9 @@ class TrainState:
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise RunError(f"checkpoint {path} does not fit this run ({str(e).splitlines()[0][:200]}). "
-                           f"Start again with train.overwrite=true") from None
+            raise RunError(f"checkpoint {path} does not fit this run: it was written for another model or "
+                           f"estimator ({state_dict_mismatch(e)}). Resume with the run's settings, or start "
+                           f"again with train.overwrite=true") from None
 
     def save_best(self, path: Path, metrics: dict[str, float]) -> None:
         """``best.pt``: the model weights alone, with the step and the validation metrics that chose them."""

@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from .models import SBN
 from .progress import Progress
 from .lock import FolderBusy, RunLock
 from .signals import Interrupted, StopSignals
-from .state import (RunError, TrainSampler, TrainState, load_checkpoint, make_optimizer, save_atomic,
-                    trajectory_config, write_atomic)
+from .state import (RunError, RunRefused, TrainSampler, TrainState, config_changes, load_checkpoint, make_optimizer,
+                    save_atomic, trajectory_config, write_atomic)
 
 __all__ = ["BEST", "CHECKPOINT", "FAILED", "RESULTS", "RunError", "RunResult", "RunSettings", "Stopped", "TrainSampler",
            "TrainState", "TrainStep", "evaluate", "evaluate_test", "load_checkpoint", "make_optimizer", "run",
@@ -134,19 +134,39 @@ def evaluate_test(model: SBN, data: torch.Tensor, cfg: TestConfig, show: bool = 
     return summarize("test", elbo, iwae, cfg.iwae_k, with_se=True)
 
 
+#: the files a run writes in its folder; the only ones it ever deletes (with ``train.overwrite=true``)
+OWNED = (CHECKPOINT, BEST, RESULTS, FAILED)
+#: ... and by pattern: TensorBoard's event files, and the temporary files of an interrupted atomic write
+OWNED_PATTERNS = ("events.out.tfevents.*", *(f".{name}.*.tmp" for name in OWNED))
+
+
+def owned_files(out_dir: Path) -> list[Path]:
+    """The files in ``out_dir`` that a run wrote (checkpoints, results, events, temporary files)."""
+    found = [out_dir / name for name in OWNED if (out_dir / name).exists()]
+    return found + sorted(p for pattern in OWNED_PATTERNS for p in out_dir.glob(pattern))
+
+
+def holds_run(out_dir: Path) -> bool:
+    """True if ``out_dir`` holds (part of) a previous run: checkpoint, best model, results or events."""
+    return any(p.name != FAILED for p in owned_files(out_dir) if not p.name.endswith(".tmp"))
+
+
 def prepare_folder(out_dir: Path, cfg: TrainConfig) -> Path | None:
-    """Return the checkpoint to resume from (or None); refuse to overwrite a previous run by accident."""
+    """Return the checkpoint to resume from (or None); refuse to overwrite a previous run by accident.
+
+    Only ``train.overwrite=true`` deletes anything, and only the files the run owns (:func:`owned_files`);
+    other files in the folder are never touched. A resume of a folder without a checkpoint returns None:
+    :func:`check_resume` decides whether that is a finished run, a fresh folder, or a refusal."""
     ckpt = out_dir / CHECKPOINT
-    old = [p for p in out_dir.glob("events.out.tfevents.*")] + [p for p in (ckpt, out_dir / RESULTS) if p.exists()]
+    if cfg.overwrite:
+        for p in owned_files(out_dir):
+            p.unlink(missing_ok=True)
+        return None
     if cfg.resume:
-        if ckpt.exists():
-            return ckpt
-        log.warning("train.resume=true but %s has no checkpoint: starting from step 0", out_dir)
-    elif old and not cfg.overwrite:
-        raise RunError(f"{out_dir} already holds a run{_saved_step(ckpt)}. Continue it with train.resume=true, "
-                       f"discard it with train.overwrite=true, or set hydra.run.dir=<another folder>")
-    for p in set(old) | set(out_dir.glob("*.pt")):
-        p.unlink(missing_ok=True)
+        return ckpt if ckpt.exists() else None
+    if holds_run(out_dir):
+        raise RunRefused(f"{out_dir} already holds a run{_saved_step(ckpt)}. Continue it with train.resume=true, "
+                         f"discard it with train.overwrite=true, or set hydra.run.dir=<another folder>")
     return None
 
 
@@ -158,21 +178,73 @@ def _saved_step(ckpt: Path) -> str:
         return ""
 
 
-def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
-    """The stored result of a run in ``out_dir`` that already reached ``cfg.max_steps``, else None."""
+def _read_results(out_dir: Path) -> dict | None:
     try:
         results = json.loads((out_dir / RESULTS).read_text())
     except (OSError, ValueError):
         return None
-    if results.get("status") != "finished" or int(results.get("step", -1)) != cfg.max_steps:
+    return results if isinstance(results, dict) else None
+
+
+def finished_result(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
+    """The stored result of a run in ``out_dir`` that already reached ``cfg.max_steps``, else None."""
+    results = _read_results(out_dir)
+    if results is None or results.get("status") != "finished" or not isinstance(results.get("metrics"), dict):
         return None
-    return RunResult(step=int(results["step"]), metrics=results["metrics"], out_dir=str(out_dir))
+    try:
+        step = int(results.get("step", -1))
+    except (TypeError, ValueError):
+        return None
+    if step != cfg.max_steps:
+        return None
+    return RunResult(step=step, metrics=results["metrics"], out_dir=str(out_dir))
+
+
+def _hparam_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for the recorded hyperparameters that fix the trajectory (results.json written
+    before it held the trajectory config: everything but the run's length)."""
+    return [f"{k}: {old[k]} -> {new[k]}" for k in sorted(set(old) & set(new))
+            if k != "max_steps" and old[k] != new[k]]
+
+
+def check_resume(out_dir: Path, cfg: TrainConfig, resume_from: Path | None, config: dict[str, Any],
+                 hparams: dict[str, Any]) -> RunResult | None:
+    """Before a resume writes anything: compare the command's trajectory config with the run's own record
+    (its checkpoint's, else its results.json's), finished or not, and refuse a change. Returns the stored
+    result of a run that already reached ``cfg.max_steps`` (nothing to do), else None (train on). A run
+    without its checkpoint that has not finished is refused: it cannot continue, and its files stay."""
+    results = _read_results(out_dir)
+    if resume_from is not None:
+        recorded, what = load_checkpoint(resume_from, torch.device("cpu")).get("config"), resume_from
+    else:
+        recorded, what = (results or {}).get("config"), out_dir / RESULTS
+    if isinstance(recorded, dict) and config:
+        changes = config_changes(recorded, config)
+    elif results is not None and isinstance(results.get("hparams"), dict) and hparams:
+        changes = _hparam_changes(results["hparams"], hparams)
+    else:
+        changes = []
+    if changes:
+        raise RunRefused(f"cannot resume {out_dir}: the config differs from the run's ({'; '.join(changes)}; "
+                         f"recorded in {what}). Use the run's settings, start again with train.overwrite=true, "
+                         f"or set hydra.run.dir=<another folder>")
+    done = finished_result(out_dir, cfg)
+    if done is not None or resume_from is not None:
+        return done
+    if holds_run(out_dir):
+        raise RunRefused(f"cannot resume {out_dir}: it has no {CHECKPOINT} (deleted?), and its run has not "
+                         f"finished at train.max_steps={cfg.max_steps}"
+                         + (f" (results.json: step {results.get('step')})" if results else "")
+                         + ". Nothing was changed there. Restore the checkpoint, start again with "
+                           "train.overwrite=true, or set hydra.run.dir=<another folder>")
+    log.warning("train.resume=true but %s holds no run: starting from step 0", out_dir)
+    return None
 
 
 def _write_results(out_dir: Path, results: dict) -> None:
     """results.json, atomically (a failed write leaves no file behind and says which path and why)."""
     text = json.dumps(results, indent=2, default=str)
-    write_atomic(out_dir / RESULTS, lambda tmp: tmp.write_text(text), ("results", int(results.get("step", -1))))
+    write_atomic(out_dir / RESULTS, lambda f: f.write(text.encode()), ("results", int(results.get("step", -1))))
 
 
 def make_step(state: TrainState, cuda_graph: bool | None):
@@ -269,24 +341,24 @@ class RunSpec:
     out_dir: Path
     hparams: dict[str, Any] | None = None
     config: dict | None = None
+    on_start: Callable[[], None] | None = None    # called once the folder is checked and is this run's
 
 
 def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings, out_dir: str | Path,
-        hparams: dict[str, Any] | None = None, config: dict | None = None) -> RunResult:
+        hparams: dict[str, Any] | None = None, config: dict | None = None,
+        on_start: Callable[[], None] | None = None) -> RunResult:
     """Train ``model`` with ``estimator``, log to TensorBoard in ``out_dir``, then test the best model
     (unless ``settings.test`` is None or disabled) and write ``results.json``.
 
     ``config`` (the composed config as a plain dict) is recorded in the checkpoint; a resume whose config
-    differs in a key that changes the trajectory is refused. The folder is locked for the whole run.
+    differs in a key that changes the trajectory is refused (:func:`check_resume`), finished or not. The
+    folder is locked for the whole run; ``on_start`` is called once the folder is checked and is this run's
+    (a refused command never reaches it).
     Raises :class:`Stopped` after saving when a stop signal arrives."""
-    result = run_group([RunSpec(model, estimator, splits, settings, Path(out_dir), hparams, config)])[0]
+    result = run_group([RunSpec(model, estimator, splits, settings, Path(out_dir), hparams, config, on_start)])[0]
     if isinstance(result, BaseException):
         raise result
     return result
-
-
-class FolderInUse(RunError):
-    """The run folder is locked by another process (nothing of that run may be touched)."""
 
 
 class RunSession:
@@ -314,16 +386,19 @@ class RunSession:
         try:
             self.lock = RunLock(out_dir).acquire()
         except FolderBusy as e:
-            raise FolderInUse(str(e)) from None
+            raise RunRefused(str(e)) from None
+        trajectory = trajectory_config(spec.config) if spec.config else {}
         resume_from = prepare_folder(out_dir, tr)
-        (out_dir / FAILED).unlink(missing_ok=True)
-        done = finished_result(out_dir, tr) if resume_from is not None else None
-        if done is not None:
+        done = check_resume(out_dir, tr, resume_from, trajectory, spec.hparams or {}) if tr.resume else None
+        if done is not None:                  # nothing to do, and nothing written: the record stays the run's
             log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
             return done
+        if spec.on_start is not None:
+            spec.on_start()                   # the folder is this command's now: its record may be written
+        (out_dir / FAILED).unlink(missing_ok=True)
         state = TrainState.create(spec.model, spec.estimator, spec.splits.train, tr.batch_size,
                                   spec.settings.optim, spec.settings.seed)
-        state.config = trajectory_config(spec.config) if spec.config else {}
+        state.config = trajectory
         if resume_from is not None:
             state.load(resume_from)
             log.info("resumed from %s at step %d", resume_from, state.step)
@@ -367,7 +442,7 @@ class RunSession:
                 raise Stopped(stop.signum, state.step) from None
         with stop.shielded():
             _write_results(self.out_dir, {"step": state.step, "status": "finished", "metrics": metrics,
-                                          "hparams": self.spec.hparams or {}})
+                                          "hparams": self.spec.hparams or {}, "config": state.config})
             ctx.write({k: v for k, v in metrics.items() if k.startswith("test/") and registry.lookup(k).scalar},
                       state.step)
             if self.spec.hparams:
@@ -401,7 +476,7 @@ def run_group(specs: list[RunSpec]) -> list[RunResult | BaseException]:
                 except RunError as e:
                     results[i] = e
                     session.close()
-                    if len(specs) > 1 and not isinstance(e, FolderInUse):   # (the CLI records a lone run's)
+                    if len(specs) > 1 and not isinstance(e, RunRefused):   # (the CLI records a lone run's)
                         _write_failed(session.out_dir, e)
                     continue
                 if done is not None:
@@ -442,7 +517,7 @@ class _ReplicaStep:
 def _write_failed(out_dir: Path, error: BaseException) -> None:
     text = json.dumps({"error": f"{type(error).__name__}: {error}"}, indent=2)
     try:
-        write_atomic(out_dir / FAILED, lambda tmp: tmp.write_text(text))
+        write_atomic(out_dir / FAILED, lambda f: f.write(text.encode()))
     except RunError as e:
         log.warning("could not record the failure of %s: %s", out_dir, e)
 

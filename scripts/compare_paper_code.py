@@ -63,6 +63,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def read_weights(checkpoint: Path) -> dict:
+    """The model weights of a checkpoint.pt / best.pt, read as the CLI reads them (tensors and plain data only:
+    nothing in the file can run code); one line (SystemExit) naming the file if it cannot be used."""
+    from sbn_train.state import CheckpointUnreadable, load_checkpoint
+    try:
+        state = load_checkpoint(checkpoint, torch.device("cpu"))
+    except CheckpointUnreadable as e:
+        raise SystemExit(f"compare_paper_code: error: cannot read checkpoint {checkpoint} ({e.why}); pass a "
+                         f"checkpoint.pt or best.pt written by sbn-train") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise SystemExit(f"compare_paper_code: error: {checkpoint} holds no model weights (not a checkpoint.pt "
+                         f"or best.pt written by sbn-train)")
+    return state["model"]
+
+
 def build_model(name: str, train: torch.Tensor, seed: int, checkpoint: Path | None) -> SBN:
     path = config_dir() / "model" / f"{name}.yaml"
     if not path.is_file():
@@ -71,11 +86,13 @@ def build_model(name: str, train: torch.Tensor, seed: int, checkpoint: Path | No
     torch.manual_seed(seed)                                   # as the CLI does before building the model
     model = SBN(train.shape[1], list(cfg.latent_sizes), int(cfg.n_hidden), x_mean=train.mean(0))
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+        state = read_weights(checkpoint)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise SystemExit(f"{checkpoint} does not hold a {name} model ({str(e).splitlines()[0]})") from None
+            from sbn_train.state import state_dict_mismatch
+            raise SystemExit(f"compare_paper_code: error: {checkpoint} does not hold a {name} model "
+                             f"({state_dict_mismatch(e)}); pass the --model it was trained with") from None
     return model
 
 
@@ -118,6 +135,8 @@ def predicted_top_bias(model: SBN, data: torch.Tensor, batch_size: int, batches:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.checkpoint is not None:
+        read_weights(args.checkpoint)                         # a file it cannot use stops it before the data
     if args.threads:
         torch.set_num_threads(args.threads)
     train = load_dataset("mnist", args.data_dir).train.to(args.device)

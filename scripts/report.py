@@ -3,8 +3,9 @@
 
     python scripts/report.py outputs/paper_cpu/2026-11-29_00-18-26 [--out DIR]
 
-Reads every run folder below SWEEP (a folder holding ``.hydra/config.yaml``): its TensorBoard events
-(EventAccumulator) and ``results.json``. For each dataset x model x estimator it picks the learning rate
+Reads every run folder below SWEEP (a folder holding results.json, failed.json, checkpoint.pt or
+``.hydra/config.yaml``): its TensorBoard events (EventAccumulator), ``results.json``, and the run's own config
+record (the config in its results.json or checkpoint, else the ``.hydra`` record the run wrote). For each dataset x model x estimator it picks the learning rate
 whose runs reach the best validation ELBO (the highest ``valid/elbo`` seen during training, averaged over
 seeds), and writes to DIR (default: SWEEP/report):
 
@@ -17,7 +18,8 @@ seeds), and writes to DIR (default: SWEEP/report):
     runs.csv                         every run found, with its status: finished, failed (and why), unfinished
 
 Runs that failed or are unfinished are listed in table.md and on stdout, never silently dropped; a run
-whose results.json or failed.json cannot be read counts as failed, with the reason.
+whose records cannot be read (a cut or empty file, a field of the wrong type) counts as failed, with the
+reason.
 """
 from __future__ import annotations
 
@@ -83,27 +85,118 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_run(folder: Path) -> Run:
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
-    choices = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.runtime.choices
-    sizes = "-".join(str(h) for h in cfg.model.latent_sizes)
-    model = f"{'nonlinear' if cfg.model.n_hidden else 'linear'} {sizes}"
-    run = Run(path=folder, dataset=str(cfg.dataset.name), model=model, estimator=str(choices.estimator),
-              lr=float(cfg.optim.lr), seed=int(cfg.seed), max_steps=int(cfg.train.max_steps), status="unfinished")
+    """The run in ``folder``; a run whose records cannot be read (a cut or empty file, wrong types) is a
+    failed run with the reason, never an error of the whole report."""
+    try:
+        return _read_run(folder)
+    except Exception as e:  # noqa: BLE001 - one malformed run must not cost the sweep its report
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return Run(path=folder, dataset="?", model="?", estimator="?", lr=math.nan, seed=-1, max_steps=0,
+                   status="failed", error=f"records unreadable ({type(e).__name__}: {why})")
+
+
+def _read_run(folder: Path) -> Run:
+    results, failed = folder / "results.json", folder / "failed.json"
+    data, problem = None, ""
+    if results.exists():
+        try:
+            data = results_record(results)
+        except ValueError as e:
+            problem = str(e)
+    who = run_identity(folder, data)
+    run = Run(path=folder, status="unfinished", **who)
     run.scalars = read_scalars(folder)
     steps = [s for values in run.scalars.values() for s, _ in values]
     run.step = max(steps, default=0)
-    results, failed = folder / "results.json", folder / "failed.json"
     try:
-        if results.exists():
-            data = read_json(results)
-            run.metrics, run.step = data.get("metrics", {}), int(data.get("step", run.step))
+        if problem:
+            raise ValueError(problem)
+        if who["model"] == "?":
+            raise ValueError("no readable config record (no config in results.json or checkpoint.pt, and "
+                             ".hydra/config.yaml or hydra.yaml missing, empty or cut)")
+        if data is not None:
+            run.metrics, run.step = data.get("metrics", {}), data.get("step", run.step)
             run.status = "finished" if data.get("status", "finished") == "finished" else "unfinished"
         elif failed.exists():
             run.status, run.error = "failed", str(read_json(failed).get("error", ""))
     except ValueError as e:
         run.status, run.error, run.metrics = "failed", str(e), {}
     return run
+
+
+def results_record(path: Path) -> dict:
+    """A results.json whose fields have the types the report uses (``step`` an integer, ``metrics`` an object
+    of numbers); ValueError naming the field otherwise."""
+    data = read_json(path)
+    step = data.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{path.name} unreadable (step is {step!r}, not an integer)")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path.name} unreadable (metrics is {type(metrics).__name__}, not an object)")
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{path.name} unreadable (metric {k} is {v!r}, not a number)")
+    if not isinstance(data.get("status", "finished"), str):
+        raise ValueError(f"{path.name} unreadable (status is {data['status']!r}, not a string)")
+    return data
+
+
+def run_identity(folder: Path, results: dict | None) -> dict:
+    """Dataset, model, estimator, learning rate, seed and length of the run, from its own record: the config
+    in its results.json or checkpoint (what the run itself trained with), else its .hydra record (written
+    by the run once its folder was its own). A field no record holds is left unknown."""
+    who = {"dataset": "?", "model": "?", "estimator": "?", "lr": math.nan, "seed": -1, "max_steps": 0}
+    config = (results or {}).get("config")
+    if not isinstance(config, dict) and (folder / "checkpoint.pt").exists():
+        config = checkpoint_config(folder / "checkpoint.pt")
+    hparams = (results or {}).get("hparams")
+    hparams = hparams if isinstance(hparams, dict) else {}
+    if isinstance(config, dict) and "dataset.name" in config:
+        sizes, hidden = config.get("model.latent_sizes"), config.get("model.n_hidden")
+        who.update(dataset=str(config["dataset.name"]), estimator=str(config.get("estimator_choice", "?")),
+                   lr=float(config.get("optim.lr", math.nan)), seed=int(config.get("seed", -1)))
+    elif hparams:
+        sizes, hidden = json.loads(str(hparams.get("latent_sizes", "null"))), hparams.get("n_hidden")
+        who.update(dataset=str(hparams.get("dataset", "?")), estimator=str(hparams.get("estimator", "?")),
+                   lr=float(hparams.get("lr", math.nan)), seed=int(hparams.get("seed", -1)))
+    else:
+        sizes = hidden = None
+    max_steps = hparams.get("max_steps")
+    hydra = hydra_record(folder) if sizes is None or max_steps is None else None
+    if hydra is not None:
+        cfg, choices = hydra
+        if sizes is None:
+            sizes, hidden = list(cfg.model.latent_sizes), cfg.model.n_hidden
+            who.update(dataset=str(cfg.dataset.name), estimator=str(choices.estimator), lr=float(cfg.optim.lr),
+                       seed=int(cfg.seed))
+        max_steps = cfg.train.max_steps if max_steps is None else max_steps
+    if sizes is not None:
+        who["model"] = f"{'nonlinear' if hidden else 'linear'} {'-'.join(str(h) for h in sizes)}"
+    who["max_steps"] = int(max_steps or 0)
+    return who
+
+
+def checkpoint_config(path: Path) -> dict | None:
+    """The config a checkpoint records (tensors and plain data only are read: nothing in it can run code)."""
+    import torch
+    try:
+        config = torch.load(path, map_location="cpu", weights_only=True).get("config")
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint leaves the other records
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def hydra_record(folder: Path):
+    """(config, choices) of the run's ``.hydra`` record, or None if it is missing or cannot be read."""
+    from omegaconf import OmegaConf
+    try:
+        cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+        choices = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        cfg.model.latent_sizes, cfg.dataset.name, cfg.optim.lr, cfg.seed, cfg.train.max_steps, choices.estimator
+    except Exception:  # noqa: BLE001 - empty, cut or foreign yaml: the run stays, its identity unknown
+        return None
+    return cfg, choices
 
 
 def read_json(path: Path) -> dict:
@@ -117,8 +210,13 @@ def read_json(path: Path) -> dict:
     return data
 
 
+#: files that only a run folder holds (a folder with any of them is a run, finished or not)
+RUN_FILES = ("results.json", "failed.json", "checkpoint.pt", ".hydra/config.yaml")
+
+
 def find_runs(sweep: Path) -> list[Run]:
-    folders = sorted(p.parent.parent for p in sweep.rglob(".hydra/config.yaml"))
+    folders = sorted({p.parent.parent if p.name == "config.yaml" else p.parent
+                      for name in RUN_FILES for p in sweep.rglob(name)})
     return [read_run(f) for f in folders]
 
 
@@ -324,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = find_runs(args.sweep)
     if not runs:
-        print(f"report: no runs (folders with .hydra/config.yaml) under {args.sweep}", file=sys.stderr)
+        print(f"report: no runs (folders with {', '.join(RUN_FILES)}) under {args.sweep}", file=sys.stderr)
         return 2
     out = args.out or args.sweep / "report"
     out.mkdir(parents=True, exist_ok=True)

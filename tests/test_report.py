@@ -1,5 +1,6 @@
 """A tiny sweep through the CLI, then scripts/report.py on it: table, figure, and runs that did not finish."""
 import csv
+import json
 import math
 import shutil
 import subprocess
@@ -102,3 +103,47 @@ def test_report_without_final_test_and_with_unreadable_records(tmp_path):
         statuses = {row["run"]: row["status"] for row in csv.DictReader(f)}
     assert statuses["corrupt"] == "failed" and statuses["empty_failed"] == "failed"
     assert "\\begin{tabular}" in (out / "table.tex").read_text() and "K=0" not in (out / "table.tex").read_text()
+
+
+def test_report_lists_malformed_runs_as_failed(tmp_path):
+    """One malformed run does not cost the sweep its report: a run folder with an empty or cut .hydra record
+    (a disk that filled during start-up) and results.json files with fields of the wrong type are each
+    listed as failed with the reason; a run's identity comes from its own record (results.json), so a
+    .hydra record emptied later does not change it."""
+    sweep = tmp_path / "sweep"
+    good = sweep / "good"
+    r = sbn_train(*SMALL, "test.enabled=false", "train.max_steps=4", "train.eval_every=2", "variance.every=0",
+                  f"hydra.run.dir={good}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    broken = {"step_null": ("step", None), "metrics_null": ("metrics", None),
+              "metric_text": ("metrics", {"valid/elbo": "-90.1"})}
+    for name, (key, value) in broken.items():
+        shutil.copytree(good, sweep / name)
+        data = json.loads((good / "results.json").read_text())
+        data[key] = value
+        (sweep / name / "results.json").write_text(json.dumps(data))
+    shutil.copytree(good, sweep / "hydra_emptied")
+    (sweep / "hydra_emptied" / ".hydra" / "hydra.yaml").write_text("")
+    start = sweep / "cut_at_start"                    # start-up cut short: a record only, cut and empty
+    (start / ".hydra").mkdir(parents=True)
+    (start / ".hydra" / "config.yaml").write_text((good / ".hydra" / "config.yaml").read_text()[:50])
+    (start / ".hydra" / "hydra.yaml").write_text("")
+
+    out = tmp_path / "report"
+    rep = subprocess.run([sys.executable, str(REPORT), str(sweep), "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0 and "Traceback" not in rep.stderr, rep.stderr[-3000:]
+    with (out / "runs.csv").open() as f:
+        runs = {row["run"]: row for row in csv.DictReader(f)}
+    assert {k: v["status"] for k, v in runs.items()} == {
+        "good": "finished", "hydra_emptied": "finished", "step_null": "failed", "metrics_null": "failed",
+        "metric_text": "failed", "cut_at_start": "failed"}
+    assert runs["hydra_emptied"]["estimator"] == runs["good"]["estimator"] != "?"
+    assert "step is None, not an integer" in runs["step_null"]["error"]
+    assert "metrics is NoneType, not an object" in runs["metrics_null"]["error"]
+    assert "metric valid/elbo is '-90.1', not a number" in runs["metric_text"]["error"]
+    assert "no readable config record" in runs["cut_at_start"]["error"]
+    table = (out / "table.md").read_text()
+    assert "| seeds | 2 |" in table, table                  # good and hydra_emptied
+    for name in ("step_null", "metrics_null", "metric_text", "cut_at_start"):
+        assert f"failed: `{name}`" in table, table

@@ -77,8 +77,8 @@ def test_kill_then_resume_is_exact(tmp_path, reference, point, step):
 
 
 # a stop signal inside a step (saved after it), inside an evaluation (saved as before the step's jobs), and
-# inside the final test (nothing to save: the checkpoint of the last step is there)
-SIGNALS = [("step", 13, "SIGTERM"), ("eval", 20, "SIGINT"), ("test", 30, "SIGUSR2")]
+# inside the final test (nothing to save: the checkpoint of the last step is there); SIGHUP: a closed terminal
+SIGNALS = [("step", 13, "SIGTERM"), ("eval", 20, "SIGINT"), ("test", 30, "SIGUSR2"), ("step", 17, "SIGHUP")]
 
 
 @pytest.mark.parametrize("point,step,sig", SIGNALS)
@@ -139,7 +139,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, name):
     assert out.returncode == 2, out.stderr
     assert not marker.exists()
     assert "Traceback" not in out.stderr
-    assert f"cannot read checkpoint {folder / name}" in out.stderr.strip().splitlines()[-1]
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"cannot read checkpoint {folder / name} (refused: the file holds objects other than tensors" in last
+    assert "weights_only" not in out.stderr
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -168,6 +170,7 @@ def test_a_second_writer_is_refused(tmp_path):
                            f"hydra.run.dir={folder}", "train.resume=true")
         assert second.returncode == 2, second.stderr
         assert f"is in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert not (folder / "failed.json").exists()      # the refused writer writes nothing there
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
@@ -176,11 +179,10 @@ def test_a_second_writer_is_refused(tmp_path):
 
 def test_unwritable_run_folder_is_one_line(tmp_path):
     if os.geteuid() == 0:
-        # root ignores permission bits: fill the checkpoint path with a directory instead
+        # root ignores permission bits: fill the path of the run's config record with a directory instead
         folder = tmp_path / "run"
-        folder.mkdir()
-        (folder / "checkpoint.pt.tmp").mkdir()
-        (folder / "checkpoint.pt.tmp" / "x").write_text("")
+        (folder / ".hydra" / "config.yaml").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml" / "x").write_text("")
     else:
         folder = tmp_path / "run"
         folder.mkdir()
