@@ -55,6 +55,7 @@ def main_task(cfg: DictConfig) -> dict:
     typed: Config = OmegaConf.to_object(cfg)
     validate(typed)
     device = resolve_device(typed.device)
+    set_threads(typed.threads)
     choices = HydraConfig.get().runtime.choices
     out_dir = HydraConfig.get().runtime.output_dir
     torch.manual_seed(typed.seed)
@@ -77,6 +78,17 @@ def main_task(cfg: DictConfig) -> dict:
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     return result.metrics
+
+
+def set_threads(setting: str) -> int:
+    """torch's CPU thread count by the ``threads`` key (:mod:`sbn_train.threads`), said in one log line."""
+    from .threads import choose_threads
+    launcher = OmegaConf.to_container(HydraConfig.get().launcher, resolve=False) if HydraConfig.initialized() else None
+    n, why = choose_threads(setting, launcher)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    log.info("CPU threads: %d (%s; torch's default in this process: %d)", n, why, before)
+    return n
 
 
 def load_data(options: dict):
