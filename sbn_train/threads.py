@@ -9,6 +9,9 @@ narrows) divided by the number of runs its launcher starts at once on this machi
 * ``hydra/launcher=slurm`` or ``submitit_local``: each job has ``cpus_per_task`` cores of its own
   (``SLURM_CPUS_PER_TASK`` inside a SLURM job).
 
+An ``OMP_NUM_THREADS`` in the environment that is lower is kept (a site's or a test's choice; joblib's
+workers get cores // n_jobs there, the same count).
+
 Torch's own default is one thread per core in every process, whatever else runs: two sweep workers on
 two cores then run four threads, and a parallel region waits for whichever thread the kernel has
 descheduled. ``threads=N`` sets the count outright.
@@ -41,7 +44,7 @@ def parse_threads(value: Any) -> int | None:
     return n
 
 
-def runs_at_once(launcher: Mapping | None, cores: int, environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+def runs_at_once(launcher: Mapping | None, cores: int) -> tuple[int, str]:
     """(runs sharing this machine's ``cores`` at once, how that was found) for a Hydra launcher config
     (``hydra.launcher``: its ``_target_`` and options); ``None``: a plain run."""
     target = str((launcher or {}).get("_target_", ""))
@@ -63,8 +66,12 @@ def auto_threads(launcher: Mapping | None, environ: Mapping[str, str] = os.envir
         if per_task:
             n = max(min(int(per_task), cores), 1)
             return n, f"cpus_per_task={int(per_task)}, {cores} usable cores"
-    at_once, why = runs_at_once(launcher, cores, environ)
-    return max(cores // at_once, 1), f"{cores} usable cores / {at_once} runs at once ({why})"
+    at_once, why = runs_at_once(launcher, cores)
+    n, why = max(cores // at_once, 1), f"{cores} usable cores / {at_once} runs at once ({why})"
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and 0 < int(omp) < n:        # a lower count set in the environment is kept
+        return int(omp), f"OMP_NUM_THREADS={int(omp)}; {why}"
+    return n, why
 
 
 def choose_threads(setting: Any, launcher: Mapping | None, environ: Mapping[str, str] = os.environ,

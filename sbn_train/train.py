@@ -27,7 +27,7 @@ from .evaluation import logged_views, split_bounds, summarize
 from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, Images, Job, LogTraining, StepClock,
                    VarianceProbe, evaluate, initial_elbo)
 from .models import SBN
-from .progress import Progress
+from .progress import Progress, training_progress
 from .lock import FolderBusy, RunLock
 from .signals import Interrupted, StopSignals
 from .state import (RunError, TrainSampler, TrainState, load_checkpoint, make_optimizer, save_atomic,
@@ -290,7 +290,6 @@ def run(model: SBN, estimator: Estimator, splits: Splits, settings: RunSettings,
 def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, hparams, config,
                 stop: StopSignals) -> RunResult:
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     tr = settings.train
     resume_from = prepare_folder(out_dir, tr)
@@ -310,8 +309,7 @@ def _run_locked(model, estimator, splits, settings: RunSettings, out_dir: Path, 
     # a resume drops what the killed run logged after its checkpoint (and the pending jobs' own step)
     purge = (state.step if state.jobs_pending else state.step + 1) if state.step else None
     writer = SummaryWriter(str(out_dir), purge_step=purge)
-    bar = tqdm(total=tr.max_steps, initial=state.step, disable=not tr.progress, dynamic_ncols=True,
-               desc=out_dir.name[:40])
+    bar = training_progress(tr.max_steps, state.step, tr.progress, out_dir.name[:40])
     ctx = Context(state=state, step_fn=step_fn, writer=writer, out_dir=out_dir, clock=StepClock(), bar=bar)
     try:
         if state.step == 0:

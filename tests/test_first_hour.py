@@ -26,7 +26,8 @@ TINY = [*SMALL, "train.max_steps=2", "train.eval_every=2", "variance.every=0"]
 
 
 # ----- progress of long phases ---------------------------------------------------------------------
-def test_split_bounds_progress_lines_bar_and_same_numbers(caplog, capsys):
+def test_split_bounds_progress_lines_bar_and_same_numbers(caplog, capsys, monkeypatch):
+    monkeypatch.setattr("sbn_train.progress.terminal", lambda: True)      # bars are for terminals only
     model = random_sbn(x_dim=6, latent_sizes=(3, 2), seed=4)
     data = torch.rand(70, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     args = (model, data, 20, 50, 7, 3, 4, 64)
