@@ -2,31 +2,35 @@
 and 3 other CPU-bound processes run, for torch's default thread count and for the ``threads`` policy
 (sbn_train/threads.py), side by side in one run.
 
-    python scripts/bench_threads.py                      # loads 0,1,3; the headline table of the README
-    python scripts/bench_threads.py --loads 0,3 --rounds 10 --eval-rows 500
+    python scripts/bench_threads.py                      # loads 0,1,3; the table of the README
+    python scripts/bench_threads.py --loads 0,3 --rounds 8 --eval-rows 500
     python scripts/bench_threads.py --sweep              # also: 2 runs at once against the same 2 in turn
 
-Each measurement runs in a fresh process (torch fixes OpenMP's settings when it starts), on sbn_2layer,
-batch 100, random images (784 pixels): per round one marginal and one nvil step (interleaved; medians over
-rounds, after 2 warm-up rounds), then one evaluation (ELBO and IWAE, K = 50, of ``--eval-rows`` rows).
-The busy processes are pure-Python loops, one core each; they are started before and ended after each
-load level. Settings compared ("policy" is ``threads=auto`` of a single run, or what it gives a sweep):
+One process per load level runs sbn_2layer, batch 100, on random images (784 pixels) and alternates the
+thread counts round by round (torch.set_num_threads), so that the background load hits them alike: per
+round and count one marginal and one nvil step (medians over rounds, after 2 warm-up rounds), and on
+some rounds an evaluation (ELBO and IWAE, K = 50, of ``--eval-rows`` rows; median of ``--evals``). The busy
+processes are pure-Python loops, one core each, started before and ended after each load level. Settings:
 
 * ``torch default``: torch's own thread count (one per core);
-* ``threads=auto``: the policy for a single run (here: usable cores / 1);
+* ``threads=auto``: the policy for a single run (usable cores / 1); the same count as torch's default
+  where the process may use every core, and then the same measurement;
 * ``threads=1``;
-* ``threads=auto, OMP passive``: as ``threads=auto`` with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP's idle
-  threads sleep at once instead of spinning).
+* ``threads=auto, OMP passive *``: ``threads=auto`` with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP's idle
+  threads sleep at once instead of spinning); the environment variable must be set before torch starts,
+  so this one runs in a process of its own, after the others.
 
-``--sweep`` also times 2 processes started at once (a 2-job joblib sweep) doing the same work, with torch's
-default threads and with the policy's (usable cores / 2), against the same 2 one after the other; it prints
-the wall times and their ratio. The load average printed is the machine's before each load level starts.
+``--sweep`` also times 2 processes started at once (a 2-job joblib sweep), each doing the same work, with
+torch's default threads and with the policy's (usable cores / 2), against the same 2 one after the other,
+and prints the wall times and their ratio. The load average printed is the machine's (1 minute) when a
+load level's measurements start: it includes whatever else the machine runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,8 +52,8 @@ def child(args: argparse.Namespace) -> None:
     from sbn_train.state import TrainState
     from sbn_train.train import TrainStep
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default = torch.get_num_threads()
+    counts = list(dict.fromkeys(c or default for c in map(int, args.counts.split(","))))
     images = torch.rand(5000, 784, generator=torch.Generator().manual_seed(0))
     steps = {}
     for name in ("marginal", "nvil"):
@@ -59,31 +63,34 @@ def child(args: argparse.Namespace) -> None:
         state = TrainState.create(model, est, images, 100, OptimConfig(lr=1e-4), seed=1)
         state.estimator.train()
         steps[name] = TrainStep(state)
-    times = {n: [] for n in steps}
-    t_start = time.perf_counter()
-    for r in range(args.rounds + 2):
-        for n, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if r >= 2:
-                times[n].append(time.perf_counter() - t0)
-    work = time.perf_counter() - t_start
     model = steps["marginal"].state.model
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        evaluate(model, images[:args.eval_rows], EvalConfig(limit=args.eval_rows, iwae_k=50), "valid")
-    eval_s = time.perf_counter() - t0
-    print(json.dumps({"threads": torch.get_num_threads(), "eval_s": eval_s, "steps_s": work,
-                      **{n: 1e3 * statistics.median(t) for n, t in times.items()}}), flush=True)
+    times = {(c, n): [] for c in counts for n in steps}
+    evals = {c: [] for c in counts}
+    for r in range(args.rounds + 2):                  # every round: each thread count in turn
+        for c in counts:
+            torch.set_num_threads(c)
+            for n, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                if r >= 2:
+                    times[c, n].append(time.perf_counter() - t0)
+            if r >= 2 and (r - 2) % max(args.rounds // args.evals, 1) == 0 and len(evals[c]) < args.evals:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    evaluate(model, images[:args.eval_rows], EvalConfig(limit=args.eval_rows, iwae_k=50), "valid")
+                evals[c].append(time.perf_counter() - t0)
+    print(json.dumps({"default": default, "results": {
+        str(c): {"eval_s": statistics.median(evals[c]),
+                 **{n: 1e3 * statistics.median(times[c, n]) for n in steps}} for c in counts}}), flush=True)
 
 
-def child_cmd(args: argparse.Namespace, threads: int) -> list[str]:
-    return [sys.executable, __file__, "--_child", "--threads", str(threads), "--rounds", str(args.rounds),
-            "--eval-rows", str(args.eval_rows)]
+def child_cmd(args: argparse.Namespace, counts: str) -> list[str]:
+    return [sys.executable, __file__, "--_child", "--counts", counts, "--rounds", str(args.rounds),
+            "--evals", str(args.evals), "--eval-rows", str(args.eval_rows)]
 
 
-def measure(args, threads: int, env: dict | None = None) -> dict:
-    out = subprocess.run(child_cmd(args, threads), capture_output=True, text=True, env={**os.environ, **(env or {})})
+def measure(args, counts: str, env: dict | None = None) -> dict:
+    out = subprocess.run(child_cmd(args, counts), capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode:
         sys.exit(f"bench_threads: a measurement failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -102,55 +109,64 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--loads", default="0,1,3", help="numbers of busy processes, comma-separated")
-    ap.add_argument("--rounds", type=int, default=15, help="timed rounds (one step of each estimator)")
-    ap.add_argument("--eval-rows", type=int, default=1000, help="rows of the timed evaluation")
+    ap.add_argument("--rounds", type=int, default=12, help="timed rounds (one step of each estimator per count)")
+    ap.add_argument("--evals", type=int, default=3, help="timed evaluations per thread count")
+    ap.add_argument("--eval-rows", type=int, default=1000, help="rows of a timed evaluation")
     ap.add_argument("--sweep", action="store_true", help="also time 2 runs at once against 2 in turn")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--counts", default="0", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         child(args)
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))       # the busy processes end with this one
     sys.path.insert(0, str(ROOT))
     from sbn_train.threads import choose_threads, usable_cores
     cores = usable_cores()
     auto, why = choose_threads("auto", None)
     sweep2, why2 = choose_threads("auto", {"_target_": "joblib", "n_jobs": 2})
-    settings = [("torch default", 0, None), ("threads=auto", auto, None), ("threads=1", 1, None),
-                ("threads=auto, OMP passive", auto, {"OMP_WAIT_POLICY": "PASSIVE"})]
-    print(f"{cores} usable cores; threads=auto: {auto} ({why}); {args.rounds} rounds, evaluation of "
-          f"{args.eval_rows} rows; sbn_2layer, batch 100")
-    print(f"{'busy':>4} {'load avg':>8}  {'setting':<27} {'thr':>3} {'marginal ms':>11} {'nvil ms':>8} {'eval s':>7}")
+    print(f"{cores} usable cores; threads=auto of one run: {auto} ({why}); {args.rounds} rounds, "
+          f"{args.evals} evaluations of {args.eval_rows} rows per setting; sbn_2layer, batch 100")
+    print(f"{'busy':>4} {'load avg':>8}  {'setting':<30} {'marginal ms':>11} {'nvil ms':>8} {'eval s':>7}")
     idle: dict[str, dict] = {}
     for load in map(int, args.loads.split(",")):
         procs = busy(load)
         try:
-            time.sleep(1.0)
+            time.sleep(2.0)
             la = os.getloadavg()[0]
-            for label, threads, env in settings:
-                r = measure(args, threads, env)
-                idle.setdefault(label, r) if load == 0 else None
-                base = idle.get(label)
-                rel = (f"  (x{r['marginal'] / base['marginal']:.1f} / x{r['nvil'] / base['nvil']:.1f} / "
-                       f"x{r['eval_s'] / base['eval_s']:.1f} of idle)") if base and load else ""
-                print(f"{load:>4} {la:>8.2f}  {label:<27} {r['threads']:>3} {r['marginal']:>11.1f} "
-                      f"{r['nvil']:>8.1f} {r['eval_s']:>7.2f}{rel}", flush=True)
+            mixed = measure(args, f"0,{auto},1")
+            passive = measure(args, str(auto), {"OMP_WAIT_POLICY": "PASSIVE"})
         finally:
             stop(procs)
+        d = mixed["default"]
+        rows = [(f"torch default ({d} threads)", mixed["results"][str(d)]),
+                (f"threads=auto ({auto})", mixed["results"][str(auto)]),
+                ("threads=1", mixed["results"]["1"]),
+                (f"threads=auto, OMP passive *", passive["results"][str(auto)])]
+        for label, r in rows:
+            if load == 0:
+                idle[label] = r
+            base = idle.get(label)
+            rel = (f"  x{r['marginal'] / base['marginal']:.1f} / x{r['nvil'] / base['nvil']:.1f} / "
+                   f"x{r['eval_s'] / base['eval_s']:.1f} of 0 busy") if base and load else ""
+            print(f"{load:>4} {la:>8.2f}  {label:<30} {r['marginal']:>11.1f} {r['nvil']:>8.1f} "
+                  f"{r['eval_s']:>7.2f}{rel}", flush=True)
+    print("(settings without * alternate round by round in one process; * is a process of its own, after them)")
     if args.sweep:
         print(f"\n2 runs at once (a 2-job sweep) against the same 2 in turn; policy: {sweep2} threads ({why2})")
-        for label, threads in (("torch default", 0), ("threads=auto (2 jobs)", sweep2)):
+        for label, counts in (("torch default", "0"), (f"threads=auto ({sweep2})", str(sweep2))):
             t0 = time.perf_counter()
             for _ in range(2):
-                measure(args, threads)
+                measure(args, counts)
             in_turn = time.perf_counter() - t0
+            la = os.getloadavg()[0]
             t0 = time.perf_counter()
-            procs = [subprocess.Popen(child_cmd(args, threads), stdout=subprocess.DEVNULL) for _ in range(2)]
+            procs = [subprocess.Popen(child_cmd(args, counts), stdout=subprocess.DEVNULL) for _ in range(2)]
             for p in procs:
                 p.wait()
             at_once = time.perf_counter() - t0
-            print(f"  {label:<22} in turn {in_turn:6.1f} s, at once {at_once:6.1f} s: "
-                  f"at once / in turn = {at_once / in_turn:.2f} (load avg {os.getloadavg()[0]:.2f})", flush=True)
+            print(f"  {label:<22} in turn {in_turn:6.1f} s, at once {at_once:6.1f} s: at once / in turn = "
+                  f"{at_once / in_turn:.2f} (load avg {la:.2f} before)", flush=True)
 
 
 if __name__ == "__main__":
