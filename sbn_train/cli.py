@@ -71,13 +71,92 @@ def main_task(cfg: DictConfig) -> dict:
                "max_steps": typed.train.max_steps, "latent_sizes": str(typed.model.latent_sizes),
                "n_hidden": typed.model.n_hidden, "seed": typed.seed}
     log.info("run folder: %s", out_dir)
+    log_test_cost(typed, splits)
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)
     config = {**OmegaConf.to_container(cfg, resolve=True), "estimator_choice": choices.get("estimator")}
     result = run(model, estimator, splits, settings, out_dir, hparams, config=config)
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
+    folder = Path(out_dir).resolve()
+    log.info("run folder: %s", folder)
+    log.info("results: %s", folder / RESULTS_FILE)
+    log.info("TensorBoard (this run is %s there): %s --logdir %s", folder.name, tool("tensorboard"),
+             _quote(str(folder.parent)))
     return result.metrics
+
+
+RESULTS_FILE = "results.json"
+
+
+def log_test_cost(typed: Config, splits) -> None:
+    """One line saying what the final test costs next to the run's evaluations (both in rows times samples
+    drawn per row), and how to make it smaller."""
+    t, e, tr = typed.test, typed.eval, typed.train
+    if not t.enabled:
+        return
+    test_rows = _rows(splits.test.shape[0], t.limit)
+    test_cost = test_rows * (t.elbo_samples + t.iwae_k)
+    per_eval = (_rows(splits.valid.shape[0], e.limit)
+                + (_rows(splits.train.shape[0], e.train_limit) if e.train_split else 0)) * (1 + e.iwae_k)
+    evals = -(-tr.max_steps // tr.eval_every)
+    ratio = test_cost / max(per_eval, 1)
+    log.info("the final test (test.*): %s rows x (%s ELBO samples + K = %s) = %s samples, %.1fx one evaluation "
+             "(%.1fx all %d of this run); test.limit, test.elbo_samples and test.iwae_k make it smaller, "
+             "test.enabled=false skips it", f"{test_rows:,}", f"{t.elbo_samples:,}", f"{t.iwae_k:,}",
+             _count(test_cost), ratio, ratio / evals, evals)
+
+
+def _rows(n: int, limit: int | None) -> int:
+    return n if limit is None else min(n, limit)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def launcher_command() -> str:
+    """How to start sbn-train again the way this process was started: ``make run ARGS="..."`` under make,
+    ``sbn-train`` when that name on PATH is this program, else the path it was started by (works without
+    an active virtual environment)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "sbn-train":
+        return f"{_quote(sys.executable)} -m sbn_train.cli"
+    if os.environ.get("MAKELEVEL") and Path("Makefile").is_file():
+        return "make run"
+    import shutil
+    found = shutil.which("sbn-train")
+    try:
+        if found and Path(found).samefile(argv0):
+            return "sbn-train"
+    except OSError:
+        pass
+    return _quote(str(argv0))
+
+
+def command_line(args: list[str]) -> str:
+    """The command that runs sbn-train with ``args``, as :func:`launcher_command` starts it."""
+    start = launcher_command()
+    quoted = " ".join(map(_quote, args))
+    if start == "make run":
+        return f"make run ARGS={_quote(quoted)}" if quoted else "make run"
+    return " ".join([start, quoted]) if quoted else start
+
+
+def tool(name: str) -> str:
+    """A command of this environment (e.g. ``tensorboard``) as it can be typed here: its name if the one on
+    PATH is this environment's, else its path next to this Python."""
+    import shutil
+    here = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if not here.exists():
+        return name
+    try:
+        if found and Path(found).samefile(here):
+            return name
+    except OSError:
+        pass
+    return _quote(str(here))
 
 
 def set_threads(setting: str) -> int:
@@ -117,6 +196,10 @@ def main() -> None:
     error: BaseException | None = None
     try:
         hydra_main()
+    except BrokenPipeError:                       # e.g. ``sbn-train --help | head``: the reader has gone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())     # nothing left to flush at exit
+        sys.exit(0)
     except launch.Refused as e:                   # a check before the run: nothing was written
         error, code = e.error, 2
     except SystemExit as e:
@@ -170,7 +253,7 @@ def resume_command() -> str:
     hc = HydraConfig.get()
     if hc.mode.name == "MULTIRUN" and not any(a.startswith("hydra.sweep.dir=") for a in args):
         args.append(f"hydra.sweep.dir={hc.sweep.dir}")
-    return " ".join(["sbn-train", *map(_quote, args), "train.resume=true"])
+    return command_line([*args, "train.resume=true"])
 
 
 def _quote(arg: str) -> str:

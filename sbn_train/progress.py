@@ -84,6 +84,17 @@ class Progress:
             self.log.info(message)
 
 
+@contextlib.contextmanager
+def phase(name: str, detail: str = "", logger: logging.Logger | None = None) -> Iterator[None]:
+    """A start line (``name: detail ...``) and, if the body succeeds, an end line with its duration, for a
+    long phase that counts no rows (the variance probe)."""
+    progress = Progress(name, enabled=True, logger=logger)
+    progress._say(f"{name}: {detail} ..." if detail else f"{name} ...")
+    t0 = time.perf_counter()
+    yield
+    progress._say(f"{name}: done in {time.perf_counter() - t0:.1f} s")
+
+
 #: a phase nobody watches: no lines, no bar
 class _Silent(Progress):
     def __init__(self):

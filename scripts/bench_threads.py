@@ -16,9 +16,11 @@ processes are pure-Python loops, one core each, started before and ended after e
 * ``threads=auto``: the policy for a single run (usable cores / 1); the same count as torch's default
   where the process may use every core, and then the same measurement;
 * ``threads=1``;
-* ``threads=auto, OMP passive *``: ``threads=auto`` with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP's idle
-  threads sleep at once instead of spinning); the environment variable must be set before torch starts,
-  so this one runs in a process of its own, after the others.
+* ``threads=auto, OMP passive *`` and ``threads=1, OMP passive *``: with ``OMP_WAIT_POLICY=PASSIVE``
+  (OpenMP's idle threads sleep at once instead of spinning); the environment variable must be set before
+  torch starts, so these two alternate in a second process, after the first. Each row also gives its
+  times over those of threads=1 in the same process: a ratio that the drift of the background load
+  between the two processes does not enter.
 
 ``--sweep`` also times 2 processes started at once (a 2-job joblib sweep), each doing the same work, with
 torch's default threads and with the policy's (usable cores / 2), against the same 2 one after the other,
@@ -127,7 +129,8 @@ def main() -> None:
     sweep2, why2 = choose_threads("auto", {"_target_": "joblib", "n_jobs": 2})
     print(f"{cores} usable cores; threads=auto of one run: {auto} ({why}); {args.rounds} rounds, "
           f"{args.evals} evaluations of {args.eval_rows} rows per setting; sbn_2layer, batch 100")
-    print(f"{'busy':>4} {'load avg':>8}  {'setting':<30} {'marginal ms':>11} {'nvil ms':>8} {'eval s':>7}")
+    print(f"{'busy':>4} {'load avg':>8}  {'setting':<30} {'marginal ms':>11} {'nvil ms':>8} {'eval s':>7}   "
+          f"{'/ threads=1 (m, n, e)':<17}")
     idle: dict[str, dict] = {}
     for load in map(int, args.loads.split(",")):
         procs = busy(load)
@@ -135,23 +138,26 @@ def main() -> None:
             time.sleep(2.0)
             la = os.getloadavg()[0]
             mixed = measure(args, f"0,{auto},1")
-            passive = measure(args, str(auto), {"OMP_WAIT_POLICY": "PASSIVE"})
+            passive = measure(args, f"{auto},1", {"OMP_WAIT_POLICY": "PASSIVE"})
         finally:
             stop(procs)
         d = mixed["default"]
-        rows = [(f"torch default ({d} threads)", mixed["results"][str(d)]),
-                (f"threads=auto ({auto})", mixed["results"][str(auto)]),
-                ("threads=1", mixed["results"]["1"]),
-                (f"threads=auto, OMP passive *", passive["results"][str(auto)])]
-        for label, r in rows:
+        rows = [(f"torch default ({d} threads)", mixed["results"][str(d)], mixed["results"]["1"]),
+                (f"threads=auto ({auto})", mixed["results"][str(auto)], mixed["results"]["1"]),
+                ("threads=1", mixed["results"]["1"], mixed["results"]["1"]),
+                (f"threads=auto, OMP passive *", passive["results"][str(auto)], passive["results"]["1"]),
+                (f"threads=1, OMP passive *", passive["results"]["1"], passive["results"]["1"])]
+        for label, r, one in rows:
+            vs_one = f"{r['marginal'] / one['marginal']:>5.2f} {r['nvil'] / one['nvil']:>5.2f} {r['eval_s'] / one['eval_s']:>5.2f}"
             if load == 0:
                 idle[label] = r
             base = idle.get(label)
             rel = (f"  x{r['marginal'] / base['marginal']:.1f} / x{r['nvil'] / base['nvil']:.1f} / "
                    f"x{r['eval_s'] / base['eval_s']:.1f} of 0 busy") if base and load else ""
             print(f"{load:>4} {la:>8.2f}  {label:<30} {r['marginal']:>11.1f} {r['nvil']:>8.1f} "
-                  f"{r['eval_s']:>7.2f}{rel}", flush=True)
-    print("(settings without * alternate round by round in one process; * is a process of its own, after them)")
+                  f"{r['eval_s']:>7.2f}   {vs_one}{rel}", flush=True)
+    print("(the settings without * alternate round by round in one process, those with * in a second process\n"
+          " after it; '/ threads=1': time over threads=1's in the same process, marginal, nvil, evaluation)")
     if args.sweep:
         print(f"\n2 runs at once (a 2-job sweep) against the same 2 in turn; policy: {sweep2} threads ({why2})")
         for label, counts in (("torch default", "0"), (f"threads=auto ({sweep2})", str(sweep2))):

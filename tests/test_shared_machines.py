@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from sbn_train.cli import command_line, tool
 from sbn_train.progress import StepLines
 from sbn_train.threads import choose_threads, parse_threads
 
@@ -49,7 +50,7 @@ def test_bad_threads_values_raise(bad):
         parse_threads(bad)
 
 
-@pytest.mark.parametrize("bad", ["0", "-2", "many", "1.5"])
+@pytest.mark.parametrize("bad", ["0", "-2", "many"])
 def test_bad_threads_one_line_exit_2_nothing_written(tmp_path, bad):
     out = subprocess.run([sys.executable, "-m", "sbn_train.cli", *SMALL, f"threads={bad}",
                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
@@ -110,17 +111,35 @@ def test_cli_output_to_a_file_holds_plain_lines(tmp_path):
     """A run with its output redirected (progress on, as by default): no bar redraws (carriage returns),
     the plain step lines, the evaluation lines and the CPU thread line."""
     args = [a for a in SMALL if a != "train.progress=false"]
+    args += ["train.max_steps=4", "train.eval_every=2", "train.log_every=2", "variance.every=4",
+             "variance.samples=5", f"hydra.run.dir={tmp_path / 'run'}"]
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
-        out = subprocess.run([sys.executable, "-m", "sbn_train.cli", *args, "train.max_steps=4", "train.eval_every=2",
-                              "train.log_every=2", "variance.every=0", f"hydra.run.dir={tmp_path / 'run'}"],
-                             stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD}, timeout=600)
+        out = subprocess.run([sys.executable, "-m", "sbn_train.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                             env={**os.environ, **ONE_THREAD}, timeout=600)
     text = log.read_text()
     assert out.returncode == 0, text
     assert "\r" not in text
     assert "step 2/4 (50%)" in text and "step 4/4 (100%)" in text and "running ELBO" in text
     assert "evaluating valid: 100 rows ..." in text and "evaluating valid: done in" in text
     assert "CPU threads: 1 (threads=auto: OMP_NUM_THREADS=1;" in text
+    # what the final test costs, said at the start; the variance probe's start and end
+    assert ("the final test (test.*): 100 rows x (20 ELBO samples + K = 100) = 12,000 samples, 3.0x one "
+            "evaluation (1.5x all 2 of this run)") in text
+    assert "variance probe: M = 5 estimates per view (minibatch, latent, exact) ..." in text
+    assert "variance probe: done in" in text
+    # the last lines: where the results are, and TensorBoard on the folder above the run
+    folder = (tmp_path / "run").resolve()
+    last = [line.split(" - ", 1)[1] for line in text.strip().splitlines()[-3:]]
+    assert last == [f"run folder: {folder}", f"results: {folder / 'results.json'}",
+                    f"TensorBoard (this run is run there): {tool('tensorboard')} --logdir {folder.parent}"], last
+    # the same command again: refused, saying the run there finished
+    again = subprocess.run([sys.executable, "-m", "sbn_train.cli", *args], capture_output=True, text=True,
+                           env={**os.environ, **ONE_THREAD}, timeout=600)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"sbn-train: error: {tmp_path / 'run'} already holds a run (finished at step 4). Continue it with "
+        f"train.resume=true, discard it with train.overwrite=true, or set hydra.run.dir=<another folder>"]
 
 
 def test_evaluation_bar_only_on_a_terminal(capsys, caplog):
@@ -136,3 +155,34 @@ def test_evaluation_bar_only_on_a_terminal(capsys, caplog):
         split_bounds(model, data, 10, None, 7, 1, 2, 64, progress=Progress("evaluating valid", enabled=True))
     assert capsys.readouterr().err == ""
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["evaluating valid"] * 2
+
+
+# ----- commands that work as printed, help into a closed pipe ---------------------------------------
+def test_printed_commands_follow_how_sbn_train_was_started(monkeypatch, tmp_path):
+    monkeypatch.delenv("MAKELEVEL", raising=False)
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "venv" / "bin" / "sbn-train")])   # not on PATH
+    assert command_line(["estimator=nvil", "train.resume=true"]) == \
+        f"{tmp_path / 'venv' / 'bin' / 'sbn-train'} estimator=nvil train.resume=true"
+    (tmp_path / "Makefile").write_text("run:\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MAKELEVEL", "1")                         # started by make run
+    assert command_line(["optim.lr=1e-3", "train.resume=true"]) == "make run ARGS='optim.lr=1e-3 train.resume=true'"
+    monkeypatch.setattr(sys, "argv", ["/x/sbn_train/cli.py"])    # python -m sbn_train.cli
+    assert command_line(["seed=1"]) == f"{sys.executable} -m sbn_train.cli seed=1"
+
+
+def test_tool_is_the_path_next_to_python_unless_on_path(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    here = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    assert tool("tensorboard") == (here if os.path.exists(here) else "tensorboard")
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
+    assert tool("tensorboard") == "tensorboard"
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    """``sbn-train --help | head``: the reader is gone before the help is written."""
+    p = subprocess.Popen([sys.executable, "-m", "sbn_train.cli", "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, **ONE_THREAD})
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and err == "", err
