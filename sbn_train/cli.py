@@ -10,6 +10,10 @@ from pathlib import Path
 # The 2.14 CPU build's AVX-512 log1p (softplus, logsigmoid) is several times slower than its AVX2 one;
 # must be set before torch is imported. An explicit setting by the user wins.
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+# OpenMP threads that wait for work sleep instead of spinning: on cores shared with other processes a spinning
+# team waits for whichever of its threads the kernel has descheduled (scripts/bench_threads.py measures it;
+# README: CPU threads on shared machines). Read when torch starts; an explicit setting by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -166,7 +170,8 @@ def set_threads(setting: str) -> int:
     n, why = choose_threads(setting, launcher)
     before = torch.get_num_threads()
     torch.set_num_threads(n)
-    log.info("CPU threads: %d (%s; torch's default in this process: %d)", n, why, before)
+    log.info("CPU threads: %d (%s; torch's default in this process: %d; OMP_WAIT_POLICY=%s)", n, why, before,
+             os.environ.get("OMP_WAIT_POLICY", "(unset)"))
     return n
 
 

@@ -12,18 +12,20 @@ round and count one marginal and one nvil step (medians over rounds, after 2 war
 some rounds an evaluation (ELBO and IWAE, K = 50, of ``--eval-rows`` rows; median of ``--evals``). The busy
 processes are pure-Python loops, one core each, started before and ended after each load level. Settings:
 
-* ``torch default``: torch's own thread count (one per core);
+* ``torch default``: torch's own thread count (one per core), OpenMP's default wait policy (spinning): what
+  the CLI did before the ``threads`` key;
 * ``threads=auto``: the policy for a single run (usable cores / 1); the same count as torch's default
   where the process may use every core, and then the same measurement;
 * ``threads=1``;
-* ``threads=auto, OMP passive *`` and ``threads=1, OMP passive *``: with ``OMP_WAIT_POLICY=PASSIVE``
-  (OpenMP's idle threads sleep at once instead of spinning); the environment variable must be set before
+* ``threads=auto, OMP passive * (CLI)`` and ``threads=1, OMP passive *``: with ``OMP_WAIT_POLICY=PASSIVE``
+  (OpenMP's idle threads sleep at once instead of spinning; the CLI sets it unless it is set), the first
+  what the CLI does now; the environment variable must be set before
   torch starts, so these two alternate in a second process, after the first. Each row also gives its
   times over those of threads=1 in the same process: a ratio that the drift of the background load
   between the two processes does not enter.
 
 ``--sweep`` also times 2 processes started at once (a 2-job joblib sweep), each doing the same work, with
-torch's default threads and with the policy's (usable cores / 2), against the same 2 one after the other,
+torch's default threads and with the CLI's (usable cores / 2, passive wait policy), against the same 2 one after the other,
 and prints the wall times and their ratio. The load average printed is the machine's (1 minute) when a
 load level's measurements start: it includes whatever else the machine runs.
 """
@@ -40,6 +42,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -91,8 +94,13 @@ def child_cmd(args: argparse.Namespace, counts: str) -> list[str]:
             "--evals", str(args.evals), "--eval-rows", str(args.eval_rows)]
 
 
+def child_env(env: dict | None) -> dict:
+    """This environment without OMP_WAIT_POLICY (OpenMP's default), plus ``env``."""
+    return {**{k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}, **(env or {})}
+
+
 def measure(args, counts: str, env: dict | None = None) -> dict:
-    out = subprocess.run(child_cmd(args, counts), capture_output=True, text=True, env={**os.environ, **(env or {})})
+    out = subprocess.run(child_cmd(args, counts), capture_output=True, text=True, env=child_env(env))
     if out.returncode:
         sys.exit(f"bench_threads: a measurement failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,7 +137,7 @@ def main() -> None:
     sweep2, why2 = choose_threads("auto", {"_target_": "joblib", "n_jobs": 2})
     print(f"{cores} usable cores; threads=auto of one run: {auto} ({why}); {args.rounds} rounds, "
           f"{args.evals} evaluations of {args.eval_rows} rows per setting; sbn_2layer, batch 100")
-    print(f"{'busy':>4} {'load avg':>8}  {'setting':<30} {'marginal ms':>11} {'nvil ms':>8} {'eval s':>7}   "
+    print(f"{'busy':>4} {'load avg':>8}  {'setting':<34} {'marginal ms':>11} {'nvil ms':>8} {'eval s':>7}   "
           f"{'/ threads=1 (m, n, e)':<17}")
     idle: dict[str, dict] = {}
     for load in map(int, args.loads.split(",")):
@@ -138,14 +146,14 @@ def main() -> None:
             time.sleep(2.0)
             la = os.getloadavg()[0]
             mixed = measure(args, f"0,{auto},1")
-            passive = measure(args, f"{auto},1", {"OMP_WAIT_POLICY": "PASSIVE"})
+            passive = measure(args, f"{auto},1", PASSIVE)
         finally:
             stop(procs)
         d = mixed["default"]
         rows = [(f"torch default ({d} threads)", mixed["results"][str(d)], mixed["results"]["1"]),
                 (f"threads=auto ({auto})", mixed["results"][str(auto)], mixed["results"]["1"]),
                 ("threads=1", mixed["results"]["1"], mixed["results"]["1"]),
-                (f"threads=auto, OMP passive *", passive["results"][str(auto)], passive["results"]["1"]),
+                (f"threads=auto, OMP passive * (CLI)", passive["results"][str(auto)], passive["results"]["1"]),
                 (f"threads=1, OMP passive *", passive["results"]["1"], passive["results"]["1"])]
         for label, r, one in rows:
             vs_one = f"{r['marginal'] / one['marginal']:>5.2f} {r['nvil'] / one['nvil']:>5.2f} {r['eval_s'] / one['eval_s']:>5.2f}"
@@ -154,20 +162,22 @@ def main() -> None:
             base = idle.get(label)
             rel = (f"  x{r['marginal'] / base['marginal']:.1f} / x{r['nvil'] / base['nvil']:.1f} / "
                    f"x{r['eval_s'] / base['eval_s']:.1f} of 0 busy") if base and load else ""
-            print(f"{load:>4} {la:>8.2f}  {label:<30} {r['marginal']:>11.1f} {r['nvil']:>8.1f} "
+            print(f"{load:>4} {la:>8.2f}  {label:<34} {r['marginal']:>11.1f} {r['nvil']:>8.1f} "
                   f"{r['eval_s']:>7.2f}   {vs_one}{rel}", flush=True)
     print("(the settings without * alternate round by round in one process, those with * in a second process\n"
           " after it; '/ threads=1': time over threads=1's in the same process, marginal, nvil, evaluation)")
     if args.sweep:
         print(f"\n2 runs at once (a 2-job sweep) against the same 2 in turn; policy: {sweep2} threads ({why2})")
-        for label, counts in (("torch default", "0"), (f"threads=auto ({sweep2})", str(sweep2))):
+        for label, counts, env in (("torch default", "0", None),
+                                   (f"threads=auto ({sweep2}), passive", str(sweep2), PASSIVE)):
             t0 = time.perf_counter()
             for _ in range(2):
-                measure(args, counts)
+                measure(args, counts, env)
             in_turn = time.perf_counter() - t0
             la = os.getloadavg()[0]
             t0 = time.perf_counter()
-            procs = [subprocess.Popen(child_cmd(args, counts), stdout=subprocess.DEVNULL) for _ in range(2)]
+            procs = [subprocess.Popen(child_cmd(args, counts), stdout=subprocess.DEVNULL, env=child_env(env))
+                     for _ in range(2)]
             for p in procs:
                 p.wait()
             at_once = time.perf_counter() - t0

@@ -114,18 +114,20 @@ def test_cli_output_to_a_file_holds_plain_lines(tmp_path):
     args += ["train.max_steps=4", "train.eval_every=2", "train.log_every=2", "variance.every=4",
              "variance.samples=5", f"hydra.run.dir={tmp_path / 'run'}"]
     log = tmp_path / "log.txt"
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}, **ONE_THREAD}
     with open(log, "w") as f:
         out = subprocess.run([sys.executable, "-m", "sbn_train.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                             env={**os.environ, **ONE_THREAD}, timeout=600)
+                             env=env, timeout=600)
     text = log.read_text()
     assert out.returncode == 0, text
     assert "\r" not in text
     assert "step 2/4 (50%)" in text and "step 4/4 (100%)" in text and "running ELBO" in text
     assert "evaluating valid: 100 rows ..." in text and "evaluating valid: done in" in text
     assert "CPU threads: 1 (threads=auto: OMP_NUM_THREADS=1;" in text
+    assert "OMP_WAIT_POLICY=PASSIVE)" in text                 # set by the CLI when the environment has none
     # what the final test costs, said at the start; the variance probe's start and end
-    assert ("the final test (test.*): 100 rows x (20 ELBO samples + K = 100) = 12,000 samples, 3.0x one "
-            "evaluation (1.5x all 2 of this run)") in text
+    assert ("the final test (test.*): 100 rows x (20 ELBO samples + K = 100) = 12,000 samples, 5.0x one "
+            "evaluation (2.5x all 2 of this run)") in text   # (100 + 300) x (1 + 5) = 2,400 per evaluation
     assert "variance probe: M = 5 estimates per view (minibatch, latent, exact) ..." in text
     assert "variance probe: done in" in text
     # the last lines: where the results are, and TensorBoard on the folder above the run
