@@ -188,3 +188,23 @@ def test_help_into_a_closed_pipe_exits_quietly():
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 0 and err == "", err
+
+
+def test_quick_experiment_is_every_phase_made_small():
+    """experiment=quick composes, passes the value checks, and runs each phase of the default job, small."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sbn_train.config import register_configs, validate
+    from sbn_train.paths import config_dir
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        default = OmegaConf.to_object(compose("config"))
+        quick = OmegaConf.to_object(compose("config", overrides=["experiment=quick"]))
+    validate(quick)
+    assert (quick.model, quick.optim, quick.train.batch_size) == (default.model, default.optim,
+                                                                  default.train.batch_size)
+    assert quick.train.max_steps < default.train.max_steps and quick.test.enabled and quick.variance.every
+    assert quick.variance.every <= quick.train.max_steps                 # the probe runs at least once
+    assert quick.test.limit * (quick.test.elbo_samples + quick.test.iwae_k) < \
+        10_000 * (default.test.elbo_samples + default.test.iwae_k) / 50   # the final test shrunk too
