@@ -54,7 +54,7 @@ def main_task(cfg: DictConfig) -> dict:
     setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
     from .estimators import estimator_from_config
     from .models import SBN
-    from .train import RunSettings, run
+    from .train import RESULTS, RunSettings, run
 
     typed: Config = OmegaConf.to_object(cfg)
     validate(typed)
@@ -84,13 +84,10 @@ def main_task(cfg: DictConfig) -> dict:
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
     folder = Path(out_dir).resolve()
     log.info("run folder: %s", folder)
-    log.info("results: %s", folder / RESULTS_FILE)
+    log.info("results: %s", folder / RESULTS)
     log.info("TensorBoard (this run is %s there): %s --logdir %s", folder.name, tool("tensorboard"),
              _quote(str(folder.parent)))
     return result.metrics
-
-
-RESULTS_FILE = "results.json"
 
 
 def log_test_cost(typed: Config, splits) -> None:
