@@ -24,6 +24,10 @@ if Path(sys.argv[0]).name in ("sbn-train", "cli.py") and _previous_sigint is sig
 # The 2.14 CPU build's AVX-512 log1p (softplus, logsigmoid) is several times slower than its AVX2 one;
 # must be set before torch is imported. An explicit setting by the user wins.
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+# OpenMP threads that wait for work sleep instead of spinning: on cores shared with other processes a spinning
+# team waits for whichever of its threads the kernel has descheduled (scripts/bench_threads.py measures it;
+# README: CPU threads on shared machines). Read when torch starts; an explicit setting by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -80,6 +84,7 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
     typed: Config = OmegaConf.to_object(cfg)
     validate(typed)
     device = resolve_device(typed.device)
+    set_threads(typed.threads)
     choices = HydraConfig.get().runtime.choices
     out_dir = HydraConfig.get().runtime.output_dir
     options = OmegaConf.to_container(cfg.dataset, resolve=True)
@@ -104,6 +109,7 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
                "weight_decay": typed.optim.weight_decay, "batch_size": typed.train.batch_size,
                "max_steps": typed.train.max_steps, "latent_sizes": str(typed.model.latent_sizes),
                "n_hidden": typed.model.n_hidden, "seed": typed.seed}
+    log_test_cost(typed, splits)
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)
     config = {**OmegaConf.to_container(cfg, resolve=True), "estimator_choice": choices.get("estimator")}
@@ -116,7 +122,7 @@ def main_task(cfg: DictConfig) -> dict:
     _accepted[0], _task[0] = False, cfg
     from .launcher import setup_job
     setup_job()   # a sweep worker stops when the sweep's process dies; a requeued submitit job resumes
-    from .train import run
+    from .train import RESULTS, run
 
     spec = job_spec(cfg)
     log.info("run folder: %s", spec.out_dir)
@@ -124,7 +130,94 @@ def main_task(cfg: DictConfig) -> dict:
                  config=spec.config, on_start=spec.on_start)
     log.info("finished at step %d: %s", result.step,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)))
+    folder = Path(spec.out_dir).resolve()
+    log.info("run folder: %s", folder)
+    log.info("results: %s", folder / RESULTS)
+    log.info("TensorBoard (this run is %s there): %s --logdir %s", folder.name, tool("tensorboard"),
+             _quote(str(folder.parent)))
     return result.metrics
+
+
+def log_test_cost(typed: Config, splits) -> None:
+    """One line saying what the final test costs next to the run's evaluations (both in rows times samples
+    drawn per row), and how to make it smaller."""
+    t, e, tr = typed.test, typed.eval, typed.train
+    if not t.enabled:
+        return
+    test_rows = _rows(splits.test.shape[0], t.limit)
+    test_cost = test_rows * (t.elbo_samples + t.iwae_k)
+    per_eval = (_rows(splits.valid.shape[0], e.limit)
+                + (_rows(splits.train.shape[0], e.train_limit) if e.train_split else 0)) * (1 + e.iwae_k)
+    evals = -(-tr.max_steps // tr.eval_every)
+    ratio = test_cost / max(per_eval, 1)
+    log.info("the final test (test.*): %s rows x (%s ELBO samples + K = %s) = %s samples, %.1fx one evaluation "
+             "(%.1fx all %d of this run); test.limit, test.elbo_samples and test.iwae_k make it smaller, "
+             "test.enabled=false skips it", f"{test_rows:,}", f"{t.elbo_samples:,}", f"{t.iwae_k:,}",
+             _count(test_cost), ratio, ratio / evals, evals)
+
+
+def _rows(n: int, limit: int | None) -> int:
+    return n if limit is None else min(n, limit)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def launcher_command() -> str:
+    """How to start sbn-train again the way this process was started: ``make run ARGS="..."`` under make,
+    ``sbn-train`` when that name on PATH is this program, else the path it was started by (works without
+    an active virtual environment)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "sbn-train":
+        return f"{_quote(sys.executable)} -m sbn_train.cli"
+    if os.environ.get("MAKELEVEL") and Path("Makefile").is_file():
+        return "make run"
+    import shutil
+    found = shutil.which("sbn-train")
+    try:
+        if found and Path(found).samefile(argv0):
+            return "sbn-train"
+    except OSError:
+        pass
+    return _quote(str(argv0))
+
+
+def command_line(args: list[str]) -> str:
+    """The command that runs sbn-train with ``args``, as :func:`launcher_command` starts it."""
+    start = launcher_command()
+    quoted = " ".join(map(_quote, args))
+    if start == "make run":
+        return f"make run ARGS={_quote(quoted)}" if quoted else "make run"
+    return " ".join([start, quoted]) if quoted else start
+
+
+def tool(name: str) -> str:
+    """A command of this environment (e.g. ``tensorboard``) as it can be typed here: its name if the one on
+    PATH is this environment's, else its path next to this Python."""
+    import shutil
+    here = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if not here.exists():
+        return name
+    try:
+        if found and Path(found).samefile(here):
+            return name
+    except OSError:
+        pass
+    return _quote(str(here))
+
+
+def set_threads(setting: str) -> int:
+    """torch's CPU thread count by the ``threads`` key (:mod:`sbn_train.threads`), said in one log line."""
+    from .threads import choose_threads
+    launcher = OmegaConf.to_container(HydraConfig.get().launcher, resolve=False) if HydraConfig.initialized() else None
+    n, why = choose_threads(setting, launcher)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    log.info("CPU threads: %d (%s; torch's default in this process: %d; OMP_WAIT_POLICY=%s)", n, why, before,
+             os.environ.get("OMP_WAIT_POLICY", "(unset)"))
+    return n
 
 
 def load_data(options: dict):
@@ -154,6 +247,10 @@ def main() -> None:
     try:
         hydra_main()
         groups.run_deferred(resume_args=sys.argv[1:])   # the jobs of a sweep with train.replicas > 1
+    except BrokenPipeError:                       # e.g. ``sbn-train --help | head``: the reader has gone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())     # nothing left to flush at exit
+        sys.exit(0)
     except launch.Refused as e:                   # a check before the run: nothing was written
         error, code = e.error, 2
     except KeyboardInterrupt:                     # Ctrl-C before the run's own handlers (start-up)
@@ -237,7 +334,7 @@ def resume_command() -> str:
     hc = HydraConfig.get()
     if hc.mode.name == "MULTIRUN" and not any(a.startswith("hydra.sweep.dir=") for a in args):
         args.append(f"hydra.sweep.dir={hc.sweep.dir}")
-    return " ".join(["sbn-train", *map(_quote, args), "train.resume=true"])
+    return command_line([*args, "train.resume=true"])
 
 
 def _quote(arg: str) -> str:

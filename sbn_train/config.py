@@ -100,6 +100,7 @@ class Config:
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | cuda:N
+    threads: str = "auto"        # CPU threads of torch: auto (usable cores / runs at once) | N (sbn_train/threads.py)
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -172,6 +173,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.resume and train.overwrite exclude each other; pick one")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    from .threads import parse_threads
+    try:
+        parse_threads(cfg.threads)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _finite_floats(cfg)
 
 

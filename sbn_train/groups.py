@@ -84,8 +84,9 @@ def run_deferred(resume_args: list[str]) -> None:
             sweep = specs[0].out_dir.parent
             args = [a for a in resume_args if a.split("=", 1)[0].lstrip("+~") not in
                     ("train.resume", "train.overwrite", "hydra.sweep.dir")]
-            print(f"sbn-train: {e}; continue with: sbn-train {' '.join(args)} hydra.sweep.dir={sweep} "
-                  f"train.resume=true", file=sys.stderr)
+            from .cli import command_line
+            print(f"sbn-train: {e}; continue with: "
+                  f"{command_line([*args, f'hydra.sweep.dir={sweep}', 'train.resume=true'])}", file=sys.stderr)
             sys.exit(128 + e.signum)
         for spec, result in zip(specs, results):
             if isinstance(result, BaseException):

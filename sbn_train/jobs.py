@@ -19,7 +19,7 @@ from .config import EvalConfig, VarianceConfig
 from .data import Splits, eval_batches
 from .evaluation import measure_variance, split_bounds, summarize
 from .models import SBN
-from .progress import Progress
+from .progress import Progress, phase
 from .state import RunError, TrainState
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,10 @@ class VarianceProbe(Job):
         self.every, self.cfg, self.data, self.batch_size, self.seed = cfg.every, cfg, data, batch_size, seed
 
     def __call__(self, ctx: Context, step: int) -> None:
-        v = measure_variance(ctx.state.model, ctx.state.estimator, self.data, self.batch_size, self.cfg.samples,
-                             seed=(self.seed * 1_000_003 + step) % (2 ** 31), views=self.cfg.views,
-                             exact_max_latents=self.cfg.exact_max_latents, fixed_seed=self.seed)
+        with phase("variance probe", f"M = {self.cfg.samples:,} estimates per view ({', '.join(self.cfg.views)})"):
+            v = measure_variance(ctx.state.model, ctx.state.estimator, self.data, self.batch_size, self.cfg.samples,
+                                 seed=(self.seed * 1_000_003 + step) % (2 ** 31), views=self.cfg.views,
+                                 exact_max_latents=self.cfg.exact_max_latents, fixed_seed=self.seed)
         ctx.log(v, step)
         ctx.measured()
 

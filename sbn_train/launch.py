@@ -81,6 +81,18 @@ def holds_run(folder: Path) -> bool:
     return held(folder)
 
 
+def run_state(folder: Path) -> str:
+    """`` (finished at step N)`` or `` (saved at step N)`` for the run in ``folder``, else ``""``."""
+    from .train import CHECKPOINT, RESULTS, _saved_step
+    try:
+        results = json.loads((folder / RESULTS).read_text())
+        if results.get("status") == "finished":
+            return f" (finished at step {int(results['step'])})"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return _saved_step(folder / CHECKPOINT)
+
+
 class Refused(BaseException):
     """A check before the run failed (``error`` says why). A BaseException: Hydra turns the Exceptions of
     callbacks into warnings and goes on; this one stops the command, and the CLI reports ``error``."""
@@ -98,8 +110,9 @@ class Checks(Callback):
             folder = Path(str(config.hydra.run.dir))
             if holds_run(folder) and not (task.train.resume or task.train.overwrite):
                 # before Hydra writes its .hydra/ record there, which would no longer describe that run
-                raise ConfigError(f"{folder} already holds a run. Continue it with train.resume=true, discard "
-                                  f"it with train.overwrite=true, or set hydra.run.dir=<another folder>")
+                raise ConfigError(f"{folder} already holds a run{run_state(folder)}. Continue it with "
+                                  f"train.resume=true, discard it with train.overwrite=true, or set "
+                                  f"hydra.run.dir=<another folder>")
         except expected_errors() as e:
             raise Refused(e) from None
 
@@ -178,7 +191,11 @@ def one_line(e: BaseException) -> str:
         return (f"cannot write the log file {cause.filename}: {cause.strerror or cause}. Make the folder "
                 f"writable, or set hydra.run.dir=<another folder>")
     if isinstance(e, MissingConfigException) and e.options:
-        return f"{first}; options: {', '.join(sorted(e.options))}"
+        import difflib
+        name = str(e.missing_cfg_file or "").rsplit("/", 1)[-1]
+        close = difflib.get_close_matches(name, [str(o) for o in e.options], n=1) if name else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{first}{hint} (options: {', '.join(sorted(e.options))})"
     if isinstance(e, ConfigCompositionException) and cause is not None and str(cause).strip():
         return f"{first}: {str(cause).strip().splitlines()[0]}"
     return first

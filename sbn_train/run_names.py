@@ -5,7 +5,7 @@ stable, e.g. ``estimator=nvil,model=sbn_2layer,optim.lr=0.001``.
   its other overrides; in a sweep only the swept keys name a run (``estimator=nvil,seed=1``).
 - Group choices come first (estimator, model, dataset, optim, experiment), then the other keys in sorted
   order. Overrides that change nothing a run computes or that name places (``train.resume``,
-  ``train.overwrite``, ``train.progress``, ``train.checkpoint_minutes``, ``device``, ``dataset.data_dir``,
+  ``train.overwrite``, ``train.progress``, ``train.checkpoint_minutes``, ``device``, ``threads``, ``dataset.data_dir``,
   any ``*_dir`` or ``*path`` key) are left out; ``/`` in a value becomes ``_``.
 - A name longer than :data:`MAX_NAME` characters keeps its first items and ends with the number of items
   left out and a hash of the full name: ``estimator=nvil,model=sbn_2layer,...,+9_more-1f3a9c2e``. The full
@@ -21,8 +21,8 @@ import os
 from omegaconf import OmegaConf
 
 #: overrides that do not change what a run computes (or are places), never part of its name
-NAME_EXCLUDE = ("train.resume", "train.overwrite", "train.progress", "train.checkpoint_minutes", "train.replicas", "device",
-                "dataset.data_dir", "dataset.download_timeout")
+NAME_EXCLUDE = ("train.resume", "train.overwrite", "train.progress", "train.checkpoint_minutes", "train.replicas",
+                "device", "threads", "dataset.data_dir", "dataset.download_timeout")
 #: config groups named first, in this order; estimator and model name every single run
 GROUP_ORDER = ("estimator", "model", "dataset", "optim", "experiment")
 ALWAYS_NAMED = ("estimator", "model")

@@ -130,7 +130,7 @@ def save_atomic(obj: Any, path: Path) -> None:
 #: parameters): the length of the run, what is measured and logged, and where data and outputs live
 MAY_CHANGE = ("train.max_steps", "train.eval_every", "train.log_every", "train.resume", "train.overwrite",
               "train.progress", "train.checkpoint_minutes", "train.cuda_graph", "train.divergence_nats", "train.replicas",
-              "eval.", "test.", "variance.", "dataset.data_dir", "dataset.download_timeout", "hydra.")
+              "eval.", "test.", "variance.", "dataset.data_dir", "dataset.download_timeout", "hydra.", "threads")
 
 
 def trajectory_config(config: dict) -> dict[str, Any]:

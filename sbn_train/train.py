@@ -27,7 +27,7 @@ from .evaluation import logged_views, split_bounds, summarize
 from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, Images, Job, LogTraining, StepClock,
                    VarianceProbe, evaluate, initial_elbo)
 from .models import SBN
-from .progress import Progress
+from .progress import Progress, training_progress
 from .lock import FolderBusy, RunLock
 from .signals import Interrupted, StopSignals
 from .state import (RunError, RunRefused, TrainSampler, TrainState, config_changes, load_checkpoint, make_optimizer,
@@ -379,7 +379,6 @@ class RunSession:
     def open(self) -> RunResult | None:
         """Lock the folder and load or create the state; the stored result of a finished run, else None."""
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
 
         spec, tr, out_dir = self.spec, self.spec.settings.train, self.out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,8 +405,7 @@ class RunSession:
         # a resume drops what the killed run logged after its checkpoint (and the pending jobs' own step)
         purge = (state.step if state.jobs_pending else state.step + 1) if state.step else None
         self.writer = SummaryWriter(str(out_dir), purge_step=purge)
-        self.bar = tqdm(total=tr.max_steps, initial=state.step, disable=not tr.progress, dynamic_ncols=True,
-                        desc=out_dir.name[:40])
+        self.bar = training_progress(tr.max_steps, state.step, tr.progress, out_dir.name[:40])
         self.ctx = Context(state=state, step_fn=None, writer=self.writer, out_dir=out_dir, clock=StepClock(),
                            bar=self.bar)
         return None

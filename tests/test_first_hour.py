@@ -26,7 +26,8 @@ TINY = [*SMALL, "train.max_steps=2", "train.eval_every=2", "variance.every=0"]
 
 
 # ----- progress of long phases ---------------------------------------------------------------------
-def test_split_bounds_progress_lines_bar_and_same_numbers(caplog, capsys):
+def test_split_bounds_progress_lines_bar_and_same_numbers(caplog, capsys, monkeypatch):
+    monkeypatch.setattr("sbn_train.progress.terminal", lambda: True)      # bars are for terminals only
     model = random_sbn(x_dim=6, latent_sizes=(3, 2), seed=4)
     data = torch.rand(70, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     args = (model, data, 20, 50, 7, 3, 4, 64)
@@ -126,7 +127,9 @@ def test_bench_phases_prints_projection_and_floor_ratio():
     (["optim.lr=inf"], "optim.lr must be positive and finite, got inf"),
     (["train.divergence_nats=nan"], "train.divergence_nats must be >= 0 and finite, got nan"),
     (["optim.beta2=1.5"], "optim.beta2 must be in [0, 1), got 1.5"),
-    (["estimator=nope"], "Could not find 'estimator/nope'; options: arm, disarm"),
+    (["estimator=nope"], "Could not find 'estimator/nope' (options: arm, disarm"),
+    (["estimator=margnal"], "Could not find 'estimator/margnal'; did you mean marginal? (options: arm, disarm"),
+    (["model=sbn_2layers"], "Could not find 'model/sbn_2layers'; did you mean sbn_2layer? (options: sbn_1layer"),
 ])
 def test_config_errors_one_line_exit_2_no_folder(tmp_path, args, message):
     r = sbn_train(*TINY, *args, cwd=tmp_path)

@@ -89,7 +89,9 @@ def test_stop_signal_saves_prints_one_line_and_resumes_exactly(tmp_path, referen
     assert stopped.returncode == 128 + signum, stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]
     assert "Traceback" not in stopped.stderr
-    assert last.startswith(f"sbn-train: stopped at step {step} ({sig}); continue with: sbn-train ")
+    # the command as this one was started (here: python -m sbn_train.cli), so that it works as printed
+    assert last.startswith(f"sbn-train: stopped at step {step} ({sig}); continue with: {sys.executable} -m "
+                           f"sbn_train.cli ")
     assert last.endswith("train.resume=true")
     saved = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert saved["step"] == step                                   # no step lost
