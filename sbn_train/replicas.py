@@ -104,6 +104,7 @@ class _StackedOptimizer:
         self.lr = torch.tensor([float(o.param_groups[0]["lr"]) for o in opts], dtype=torch.float64, device=device)
         self.wd = torch.tensor([float(o.param_groups[0]["weight_decay"]) for o in opts], dtype=torch.float64,
                                device=device)
+        self.any_wd = any(float(o.param_groups[0]["weight_decay"]) != 0 for o in opts)
         keys = _STATE_KEYS[self.kind]
         self.state: list[dict[str, Tensor]] = []
         for i, p in enumerate(stacked):
@@ -127,14 +128,16 @@ class _StackedOptimizer:
 
     @torch.no_grad()
     def step(self, grads: list[Tensor]) -> None:
+        """One update; ``grads`` (fresh tensors, one per stacked parameter) are used as scratch."""
         for p, g, st in zip(self.params, grads, self.state):
-            lr, wd = self._per_replica(self.lr, p), self._per_replica(self.wd, p)
-            g = g + wd * p
+            lr = self._per_replica(self.lr, p)
+            if self.any_wd:
+                g = g.addcmul_(p, self._per_replica(self.wd, p))
             st["step"].add_(1)
             if self.kind == "RMSprop":
                 sq = st["square_avg"]
                 sq.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
-                p.sub_(lr * (g / sq.sqrt().add_(self.eps)))
+                p.sub_(g.div_(sq.sqrt().add_(self.eps)).mul_(lr))
             else:
                 beta1, beta2 = self.betas
                 m, v = st["exp_avg"], st["exp_avg_sq"]
