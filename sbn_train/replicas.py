@@ -224,15 +224,18 @@ class ReplicaGroup:
         return len(self.states)
 
     def _record_draws(self) -> list[int]:
-        """The batch sizes of the estimator's ``draw_uniforms`` calls in one step (from a throwaway copy, on
-        zeros, with a throwaway generator: nothing of the replicas changes)."""
+        """The batch sizes of the estimator's ``draw_uniforms`` calls in one step, and whether it has an
+        auxiliary loss (from a throwaway copy, on zeros, with a throwaway generator: nothing of the replicas
+        changes)."""
         first = self.states[0]
         model, est = copy.deepcopy(first.model), copy.deepcopy(first.estimator)
-        est.eval()
+        est.train()                                   # as the step runs (an auxiliary loss may be train-only)
         recorder = DrawRecorder(torch.Generator(device=self.device).manual_seed(0))
         x = torch.zeros(self.batch_size, first.sampler.data.shape[1], device=self.device,
                         dtype=first.model.prior_logits.dtype)
         out = est(model, x, recorder)
+        # a standalone step steps the estimator's optimizer only with an auxiliary loss (compute_grads)
+        self.has_aux = out.aux_loss is not None
         del out
         return list(recorder.batches)
 
@@ -322,7 +325,7 @@ class ReplicaGroup:
                 for n, b in self.buffers.items():
                     b.copy_(state[n])
         self.model_opt.step([g_model[n] for n in self.model_names])
-        if self.est_opt is not None:
+        if self.est_opt is not None and self.has_aux:
             self.est_opt.step([g_est[n] for n in self.est_names])
         with torch.no_grad():
             self.elbo_sum += elbo.mean(-1)

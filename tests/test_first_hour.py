@@ -268,9 +268,15 @@ def test_layout_holds_only_charts_the_run_fills():
     assert r"^valid/iwae\d+$" not in _charted(custom_scalars_layout(n_layers=2, views=[], iwae=False))
     one = _charted(custom_scalars_layout(n_layers=1))
     assert not any("layer" in t for t in one)                 # layer 1 of a one-layer model is the inference net
-    for m in METRICS:                                          # every charted tag family is a registry entry
+    views = ["minibatch", "latent", "exact"]
+    for m in METRICS:      # a charted family that needs something is charted exactly when the run has it
         if m.chart and m.requires:
-            assert m.requires in ("minibatch", "latent", "exact", "iwae"), m
+            tag = m.layer_regex(1)
+            has = views if m.requires != "iwae" else []
+            assert tag in _charted(custom_scalars_layout(n_layers=2, views=has, iwae=True)), m
+            lacking = [v for v in views if v != m.requires]
+            assert tag not in _charted(custom_scalars_layout(n_layers=2, views=lacking,
+                                                             iwae=m.requires != "iwae")), m
 
 
 # ----- install layout ----------------------------------------------------------------------------------

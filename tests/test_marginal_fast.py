@@ -93,11 +93,12 @@ def test_sum_log_groups_respect_the_range():
             torch.testing.assert_close(got, torch.full((3,), -784 * bound, dtype=dtype), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("x_dim,scale", [(64, 0.3), (784, 2.0)])
-def test_float32_fast_path_is_no_less_accurate_than_the_definition(x_dim, scale):
-    """In float32 the fast path's deltas are at least as close to the float64 values as the reference
-    implementation's own float32 deltas (it takes differences directly instead of subtracting large sums).
-    With large weights the grouped products must shrink their groups to stay finite."""
+@pytest.mark.parametrize("route,x_dim,scale", [("cpu", 64, 0.3), ("cpu", 784, 2.0), ("device", 64, 0.3),
+                                               ("device", 784, 2.0), ("device", 64, 100.0)])
+def test_float32_flip_pass_is_no_less_accurate_than_the_definition(route, x_dim, scale):
+    """In float32 each route's deltas are at least as close to the float64 values as the reference
+    implementation's own float32 deltas (both take differences directly instead of subtracting large sums).
+    With large weights the CPU route's grouped products must shrink their groups to stay finite."""
     model64 = random_sbn(x_dim=x_dim, latent_sizes=(32, 32), seed=5, scale=scale)
     x64 = random_binary(16, x_dim, seed=5)
     us64 = model64.draw_uniforms(16, torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -107,7 +108,7 @@ def test_float32_fast_path_is_no_less_accurate_than_the_definition(x_dim, scale)
     x32, us32 = x64.float(), [u.float() for u in us64]
     zs32 = model32.sample_q(x32, us32)
     assert all(torch.equal(a.double(), b) for a, b in zip(zs32, zs64))   # same sample in both precisions
-    fast = marginal.flip_deltas(model32, x32, zs32, us32, workspace=marginal.Workspace())
+    fast = marginal.flip_deltas(model32, x32, zs32, us32, workspace=marginal.Workspace(), route=route)
     ref = flip_deltas_reference(model32, x32, zs32, us32)
     # 99th percentiles: a re-simulated unit within rounding of its threshold may be decided differently by
     # the two float32 computations (either one), which moves a single delta by O(1) (see marginal_fast)

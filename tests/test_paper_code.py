@@ -17,14 +17,6 @@ ALPHA = 1e-3
 N_SAMPLES = 3000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def flat(grads):
     return torch.cat([g.reshape(-1) for g in grads])
 

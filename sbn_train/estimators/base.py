@@ -50,6 +50,11 @@ class Estimator(nn.Module):
     #: samples z ~ q(. | x) per example at which the learning signal is evaluated (an antithetic pair counts
     #: two, K-sample estimators K); the variance comparisons put estimators with equal counts side by side
     q_samples: int = 1
+    #: True for the likelihood-ratio estimator with a baseline that does not depend on the unit it multiplies
+    #: (LR, LR+C, NVIL's input-dependent baselines): the marginal estimator is its conditional expectation
+    #: given the other noise (Tokui & Sato), so its variance is no smaller than the marginal estimator's. Other
+    #: control variates (MuProp's, REBAR/RELAX's, the antithetic pairs) are outside that theorem.
+    rao_blackwellized_by_marginal: bool = False
 
     def __init__(self, model: SBN | None = None):
         super().__init__()

@@ -48,6 +48,9 @@ def mean_field_expansion(model: SBN, x: Tensor) -> tuple[list[Tensor], list[Tens
 class MuProp(ScoreFunction):
     """MuProp with optional NVIL baselines on its residual (``muprop`` = MuProp+C+IDB)."""
 
+    # the baseline f(mu) + f'(mu)(z - mu) depends on the unit itself: outside the marginal estimator's theorem
+    rao_blackwellized_by_marginal = False
+
     def __init__(self, model: SBN | None = None, moving_average: bool = True, input_dependent: bool = True,
                  ma_rate: float = 0.2, baseline_hidden: int = 100):
         super().__init__(model, moving_average=moving_average, input_dependent=input_dependent,

@@ -30,6 +30,8 @@ class ScoreFunction(SignalEstimator):
     """LR with optional moving-average (``moving_average``) and input-dependent (``input_dependent``)
     baselines. ``reinforce`` = neither, ``reinforce_ma`` = LR+C, ``nvil`` = LR+C+IDB."""
 
+    rao_blackwellized_by_marginal = True
+
     def __init__(self, model: SBN | None = None, moving_average: bool = False, input_dependent: bool = False,
                  ma_rate: float = 0.2, baseline_hidden: int = 100, normalize_variance: bool = False):
         super().__init__(model)
