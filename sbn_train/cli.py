@@ -288,7 +288,7 @@ def _sweep_summary() -> list:
 def hydra_main(cfg: DictConfig) -> float:
     """Returns the run's best validation bound (the objective of the lr_search sweeper)."""
     from .train import Stopped
-    if HydraConfig.get().mode.name == "MULTIRUN" and cfg.train.replicas > 1:
+    if groups.grouping(cfg):
         _accepted[0], _task[0] = False, cfg
         try:
             groups.defer(cfg)

@@ -29,15 +29,19 @@ _PENDING: list[tuple[Any, int]] = []            # (RunSpec, cap) of the deferred
 _DATA: dict = {}                                # splits shared by the jobs of this process
 
 
+def grouping(cfg: DictConfig) -> bool:
+    """Whether the current job waits for its replica group: ``train.replicas`` > 1 in a sweep that Hydra's
+    basic launcher runs in this process. Other launchers start every job in a process (or SLURM job) of its
+    own; there the jobs run one by one (the sweep's process says so in one warning line, launch.Checks)."""
+    from hydra.core.hydra_config import HydraConfig
+    hc = HydraConfig.get()
+    return (cfg.train.replicas > 1 and hc.mode.name == "MULTIRUN"
+            and str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"))
+
+
 def defer(cfg: DictConfig) -> None:
     """Build the current job's RunSpec (every check of a job runs now) and keep it for its group."""
-    from hydra.core.hydra_config import HydraConfig
-
     from .cli import job_spec
-    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
-    if not launcher.endswith("BasicLauncher"):
-        raise ValueError(f"train.replicas={cfg.train.replicas} groups the jobs of a sweep in the sweep's own "
-                         f"process: use Hydra's basic launcher (drop hydra/launcher=...), or train.replicas=1")
     spec = job_spec(cfg, _DATA)
     log.info("run folder: %s (waits for its replica group)", spec.out_dir)
     _PENDING.append((spec, int(cfg.train.replicas)))

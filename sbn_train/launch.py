@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -127,6 +128,10 @@ class Checks(Callback):
                 # the cap shapes the whole sweep: refused before any job starts
                 raise ConfigError(f"train.replicas must be a positive integer (the largest replica group), "
                                   f"got {replicas}")
+            if replicas > 1 and not str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+                print(f"sbn-train: warning: train.replicas={replicas}: replica groups need Hydra's basic launcher "
+                      f"(this sweep's launcher starts each job on its own); the jobs run one by one",
+                      file=sys.stderr)
         except expected_errors() as e:
             raise Refused(e) from None
         SWEEP.update(dir=Path(str(config.hydra.sweep.dir)), start=time.time())

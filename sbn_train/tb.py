@@ -57,7 +57,8 @@ def log_hparams(writer, hparams: dict[str, Any], metric_tags: list[str]) -> None
     columns are :data:`KEY_HPARAMS` and the metrics in the order given (it shows five of each at first)."""
     from tensorboard.plugins.hparams import plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams as hparams_summary
-    clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+    # integers (seed, batch size, steps) as text: the plugin shows numbers with four decimals ("0.0000")
+    clean = {k: v if isinstance(v, (float, str, bool)) else str(v) for k, v in hparams.items()}
     exp, ssi, sei = hparams_summary(clean, {tag: 0.0 for tag in metric_tags})
     plugin = exp.value[0].metadata.plugin_data
     data = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)

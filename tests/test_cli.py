@@ -143,6 +143,7 @@ def test_multirun_three_estimators(tmp_path):
         extras = tensorboard_extras(run)
         assert extras["images"] == ["images/data", "images/reconstructions", "images/samples"]
         assert extras["hparams"]["estimator"] == run.name.split("=", 1)[1]
+        assert extras["hparams"]["seed"] == "0" and extras["hparams"]["lr"] == pytest.approx(3e-4)
         assert {"test/elbo", "test/iwae100", "valid/elbo"} <= set(extras["metrics"])
         assert "^grad_var/inference$" in extras["layout"] and "^valid/elbo$" in extras["layout"]
 
