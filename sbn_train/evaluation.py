@@ -98,10 +98,11 @@ def fixed_minibatch(data: Tensor, batch_size: int, seed: int) -> Tensor:
     return next(fresh_minibatches(data, batch_size, 1, gen))
 
 
-def logged_views(model: SBN, cfg: VarianceConfig) -> list[str]:
-    """The variance views a run of ``model`` logs: none without the probe, no ``exact`` for a model with
-    more than ``cfg.exact_max_latents`` latent units (the argument ``views`` of the custom-scalars layout)."""
-    if not cfg.every:
+def logged_views(model: SBN, cfg: VarianceConfig, max_steps: int | None = None) -> list[str]:
+    """The variance views a run of ``model`` logs: none without the probe (or when it first comes after
+    ``max_steps``), no ``exact`` for a model with more than ``cfg.exact_max_latents`` latent units (the
+    argument ``views`` of the custom-scalars layout)."""
+    if not cfg.every or (max_steps is not None and cfg.every > max_steps):
         return []
     return [v for v in cfg.views if v != "exact" or sum(model.latent_sizes) <= cfg.exact_max_latents]
 

@@ -417,7 +417,7 @@ class RunSession:
         if state.step == 0:
             state.first_elbo = initial_elbo(state.model, spec.splits.valid, spec.settings.eval.seed)
             tb.log_layout(self.writer, n_layers=state.model.n_layers,
-                          views=logged_views(state.model, spec.settings.variance),
+                          views=logged_views(state.model, spec.settings.variance, spec.settings.train.max_steps),
                           iwae=spec.settings.eval.iwae_k > 0)
             for job in self.jobs:
                 if isinstance(job, Images):

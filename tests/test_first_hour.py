@@ -259,6 +259,8 @@ def test_layout_holds_only_charts_the_run_fills():
     assert logged_views(big, VarianceConfig()) == ["minibatch", "latent"]
     assert logged_views(small, VarianceConfig()) == ["minibatch", "latent", "exact"]
     assert logged_views(small, VarianceConfig(every=0)) == []
+    assert logged_views(small, VarianceConfig(every=2000), max_steps=300) == []      # the probe never comes
+    assert logged_views(small, VarianceConfig(every=300), max_steps=300) == ["minibatch", "latent", "exact"]
     full = _charted(custom_scalars_layout(n_layers=2, views=logged_views(small, VarianceConfig())))
     assert {"^grad_var_log10/inference$", "^grad_bias_log10/inference$", "^grad_var_log10/layer1$",
             "^grad_var_log10/layer2$", "^grad_var/inference$", r"^valid/iwae\d+$"} <= full
