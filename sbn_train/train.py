@@ -550,11 +550,18 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
     def due(session: RunSession, step: int) -> list[Job]:
         return [j for j in session.jobs if j.due(step, session.spec.settings.train.max_steps)]
 
-    def save_all_and_stop() -> None:
+    def save_all() -> None:
+        """Every run's checkpoint; a run that cannot be saved (non-finite parameters) leaves the group."""
         with stop.shielded():
-            for session in live:
-                session.state.save(session.out_dir / CHECKPOINT)
-                session.writer.flush()
+            for session in list(live):
+                try:
+                    session.state.save(session.out_dir / CHECKPOINT)
+                    session.writer.flush()
+                except RunError as e:
+                    leave(session, e)
+
+    def save_all_and_stop() -> None:
+        save_all()
         stop.chain()
         raise Stopped(stop.signum, max((session.state.step for session in live), default=0))
 
@@ -616,9 +623,10 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
             save_all_and_stop()
         seconds = min(60.0 * s.spec.settings.train.checkpoint_minutes for s in live) if live else 0
         if seconds and time.monotonic() - last_save > seconds:
-            with stop.shielded():
-                for session in live:
-                    session.state.save(session.out_dir / CHECKPOINT)
+            before = list(live)
+            save_all()                        # by wall time: a kill -9 loses minutes, not eval_every steps
+            if live != before:
+                group = None
             last_save = time.monotonic()
 
 
