@@ -74,7 +74,9 @@ def run_deferred(resume_args: list[str]) -> None:
     """Train the deferred jobs group by group. A failed run is recorded in its folder (the sweep's summary
     lists it) and the others go on; a stop signal saves every run of the group and ends the process with
     128 + the signal's number and the command that continues the sweep."""
-    from .train import Stopped, run_group
+    from .replicas import GroupError
+    from .state import RunError
+    from .train import Stopped, _write_failed, run_group
     if not _PENDING:
         return
     groups = plan(_PENDING)
@@ -92,6 +94,12 @@ def run_deferred(resume_args: list[str]) -> None:
             print(f"sbn-train: {e}; continue with: "
                   f"{command_line([*args, f'hydra.sweep.dir={sweep}', 'train.resume=true'])}", file=sys.stderr)
             sys.exit(128 + e.signum)
+        except (RunError, GroupError) as e:      # the group as a whole: its runs are listed as failed
+            log.error("replica group %d: %s", i, e)
+            for spec in specs:
+                if not (spec.out_dir / "results.json").exists():
+                    _write_failed(spec.out_dir, e)
+            continue
         for spec, result in zip(specs, results):
             if isinstance(result, BaseException):
                 log.error("%s: %s", spec.out_dir.name, result)
