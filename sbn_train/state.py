@@ -280,15 +280,11 @@ class TrainState:
                            f"the last good checkpoint is kept); lower optim.lr")
         save_atomic(self.state_dict(), path)
 
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.device)
-        old = state.get("config")
-        if old is not None and self.config:
-            changes = config_changes(old, self.config)
-            if changes:
-                raise RunError(f"cannot resume {path.parent}: the config differs from the run's "
-                               f"({'; '.join(changes)}). Use the run's settings, or start again with "
-                               f"train.overwrite=true")
+    def load(self, path: Path, state: dict | None = None) -> None:
+        """The checkpoint at ``path`` (or its contents ``state``, already read) into this state. Whether its
+        config matches is the caller's check, made before anything is written (train.check_resume)."""
+        if state is None:
+            state = load_checkpoint(path, self.device)
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:

@@ -207,15 +207,16 @@ def _hparam_changes(old: dict, new: dict) -> list[str]:
             if k != "max_steps" and old[k] != new[k]]
 
 
-def check_resume(out_dir: Path, cfg: TrainConfig, resume_from: Path | None, config: dict[str, Any],
-                 hparams: dict[str, Any]) -> RunResult | None:
+def check_resume(out_dir: Path, cfg: TrainConfig, resume_from: Path | None, checkpoint: dict | None,
+                 config: dict[str, Any], hparams: dict[str, Any]) -> RunResult | None:
     """Before a resume writes anything: compare the command's trajectory config with the run's own record
-    (its checkpoint's, else its results.json's), finished or not, and refuse a change. Returns the stored
-    result of a run that already reached ``cfg.max_steps`` (nothing to do), else None (train on). A run
-    without its checkpoint that has not finished is refused: it cannot continue, and its files stay."""
+    (its ``checkpoint``'s, read from ``resume_from``, else its results.json's), finished or not, and refuse
+    a change. Returns the stored result of a run that already reached ``cfg.max_steps`` (nothing to do), else
+    None (train on). A run without its checkpoint that has not finished is refused: it cannot continue, and
+    its files stay."""
     results = _read_results(out_dir)
     if resume_from is not None:
-        recorded, what = load_checkpoint(resume_from, torch.device("cpu")).get("config"), resume_from
+        recorded, what = checkpoint.get("config"), resume_from
     else:
         recorded, what = (results or {}).get("config"), out_dir / RESULTS
     if isinstance(recorded, dict) and config:
@@ -388,7 +389,10 @@ class RunSession:
             raise RunRefused(str(e)) from None
         trajectory = trajectory_config(spec.config) if spec.config else {}
         resume_from = prepare_folder(out_dir, tr)
-        done = check_resume(out_dir, tr, resume_from, trajectory, spec.hparams or {}) if tr.resume else None
+        # read once: its config is compared here, its state loaded below
+        checkpoint = load_checkpoint(resume_from, torch.device("cpu")) if resume_from is not None else None
+        done = check_resume(out_dir, tr, resume_from, checkpoint, trajectory, spec.hparams or {}) \
+            if tr.resume else None
         if done is not None:                  # nothing to do, and nothing written: the record stays the run's
             log.info("%s already finished at step %d; nothing to do", out_dir, done.step)
             return done
@@ -399,7 +403,7 @@ class RunSession:
                                   spec.settings.optim, spec.settings.seed)
         state.config = trajectory
         if resume_from is not None:
-            state.load(resume_from)
+            state.load(resume_from, checkpoint)
             log.info("resumed from %s at step %d", resume_from, state.step)
         self.jobs = make_jobs(spec.settings, spec.splits)
         # a resume drops what the killed run logged after its checkpoint (and the pending jobs' own step)
