@@ -200,6 +200,9 @@ class ReplicaGroup:
                 _set_tensor(pair, n, nn.Parameter(self.frozen[n][r], requires_grad=False), parameter=True)
             for n in buffer_names:
                 _set_tensor(pair, n, self.buffers[n][r], parameter=False)
+        # each replica's own parameters in the stacks' order (the looped step differentiates through them)
+        self._own = [([dict(pair.named_parameters())[n] for n in self.model_names],
+                      [dict(pair.named_parameters())[n] for n in self.est_names]) for pair in pairs]
         new_model = [list(s.model.parameters()) for s in states]
         for s in states:
             s.est_params = [p for p in s.estimator.parameters() if p.requires_grad]
@@ -291,10 +294,8 @@ class ReplicaGroup:
         elbos, metrics = [], []
         for r, s in enumerate(self.states):
             out = s.estimator(s.model, xs[r], UniformTape([u[r] for u in draws]))
-            named = dict(_Pair(s.model, s.estimator).named_parameters())
-            model_p = [named[n] for n in self.model_names]
+            model_p, est_p = self._own[r]
             if self.est_names:
-                est_p = [named[n] for n in self.est_names]
                 if out.aux_loss is not None:
                     grads = torch.autograd.grad(out.aux_loss, est_p, retain_graph=True, allow_unused=True)
                 else:
