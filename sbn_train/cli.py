@@ -78,7 +78,7 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
     estimator, and the record of its config that the run writes once its folder is its own); ``data_cache``
     shares the loaded splits between the jobs of a replica group."""
     from .estimators import estimator_from_config
-    from .models import SBN
+    from .models import build_model
     from .train import RunSettings, RunSpec
 
     typed: Config = OmegaConf.to_object(cfg)
@@ -101,7 +101,7 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
             data_cache[key] = splits
     torch.manual_seed(typed.seed)
     train = splits.train
-    model = SBN(train.shape[1], typed.model.latent_sizes, typed.model.n_hidden, x_mean=train.mean(0)).to(device)
+    model = build_model(typed.model, train.shape[1], x_mean=train.mean(0)).to(device)
     estimator = estimator_from_config(OmegaConf.to_container(cfg.estimator, resolve=True), model).to(device)
     hparams = {"estimator": choices.get("estimator"), "model": choices.get("model"),
                "dataset": choices.get("dataset"), "experiment": choices.get("experiment") or "",
@@ -109,6 +109,8 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
                "weight_decay": typed.optim.weight_decay, "batch_size": typed.train.batch_size,
                "max_steps": typed.train.max_steps, "latent_sizes": str(typed.model.latent_sizes),
                "n_hidden": typed.model.n_hidden, "seed": typed.seed}
+    if typed.model.family != "bernoulli":
+        hparams.update(family=typed.model.family, classes=typed.model.classes)
     log_test_cost(typed, splits)
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)

@@ -17,8 +17,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    latent_sizes: list[int] = field(default_factory=lambda: [200, 200])
-    n_hidden: int = 0            # tanh hidden layers per conditional (0: linear SBN)
+    latent_sizes: list[int] = field(default_factory=lambda: [200, 200])   # variables per latent layer
+    n_hidden: int = 0            # tanh hidden layers per conditional as wide as its input (0: linear SBN)
+    family: str = "bernoulli"    # bernoulli | categorical (the latent variables' family)
+    classes: int = 2             # K, the values of a categorical variable (a bit has 2)
+    hidden: list[int] = field(default_factory=list)   # hidden widths of every conditional instead of n_hidden
+    activation: str = "tanh"     # tanh | leaky_relu, after every hidden layer
+    learn_prior: bool = True     # false: the top layer's prior fixed at uniform
 
 
 @dataclass
@@ -131,6 +136,19 @@ def validate(cfg: Config) -> None:
     if not sizes or any(h <= 0 for h in sizes):
         raise ConfigError(f"model.latent_sizes must be a non-empty list of positive ints, got {sizes}")
     _positive("model.n_hidden", cfg.model.n_hidden, allow_zero=True)
+    from .models import ACTIVATIONS, FAMILIES
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"model.family must be one of {', '.join(FAMILIES)}, got {cfg.model.family!r}")
+    if cfg.model.family == "categorical" and cfg.model.classes < 2:
+        raise ConfigError(f"model.classes must be >= 2 (the values of a categorical variable), "
+                          f"got {cfg.model.classes}")
+    if any(w <= 0 for w in cfg.model.hidden):
+        raise ConfigError(f"model.hidden must list positive widths, got {list(cfg.model.hidden)}")
+    if cfg.model.hidden and cfg.model.n_hidden:
+        raise ConfigError("model.hidden and model.n_hidden exclude each other; set model.n_hidden=0 with "
+                          "model.hidden")
+    if cfg.model.activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.model.activation!r}")
     if cfg.optim.name not in ("rmsprop", "adam"):
         raise ConfigError(f"optim.name must be 'rmsprop' or 'adam', got {cfg.optim.name!r}")
     _positive("optim.lr", cfg.optim.lr)

@@ -17,27 +17,45 @@ class TooLargeForExact(ValueError):
     pass
 
 
+def exact_size_error(latent_sizes: list[int], family: str = "bernoulli", classes: int = 2,
+                     limit: int = MAX_EXACT_LATENTS) -> str | None:
+    """Why a model of this shape is too large to enumerate (more than 2^``limit`` joint configurations),
+    or None."""
+    n, K = sum(latent_sizes), (classes if family == "categorical" else 2)
+    if K ** n <= 2 ** limit:
+        return None
+    if family != "categorical":
+        return (f"exact enumeration needs 2^{n} latent configurations; it is limited to models with at most "
+                f"{limit} latent units (this model has latent_sizes={list(latent_sizes)}). "
+                f"Use a smaller model, e.g. model.latent_sizes=[3,3].")
+    return (f"exact enumeration needs {K}^{n} latent configurations, more than its limit of 2^{limit} "
+            f"(this model has model.latent_sizes={list(latent_sizes)} with model.classes={K}). "
+            f"Use a smaller model, e.g. model.latent_sizes=[2,2] model.classes=3.")
+
+
 def check_exact_size(model: SBN, limit: int = MAX_EXACT_LATENTS) -> int:
-    n = sum(model.latent_sizes)
-    if n > limit:
-        raise TooLargeForExact(
-            f"exact enumeration needs 2^{n} latent configurations; it is limited to models with at most "
-            f"{limit} latent units (this model has latent_sizes={model.latent_sizes}). "
-            f"Use a smaller model, e.g. model.latent_sizes=[3,3].")
-    return n
+    """The number of joint latent configurations, or :class:`TooLargeForExact` above 2^``limit``."""
+    error = exact_size_error(model.latent_sizes, model.family.name, model.family.classes, limit)
+    if error:
+        raise TooLargeForExact(error)
+    return model.n_configurations
 
 
-def all_configurations(sizes: list[int], device=None, dtype=torch.float32) -> list[Tensor]:
-    """Every joint 0/1 configuration of the latent layers: a list of ``[2^N, H_l]`` tensors."""
-    n = sum(sizes)
-    bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), device=device, dtype=dtype)  # [2^N, N]
-    return list(bits.split(sizes, dim=1))
+def all_configurations(sizes: list[int], device=None, dtype=torch.float32, family=None) -> list[Tensor]:
+    """Every joint configuration of the latent layers, a list of ``[C, width_l]`` tensors: 0/1 bits
+    (C = 2^N), or one-hot blocks for a categorical ``family`` (C = K^N)."""
+    if family is None or family.name == "bernoulli":
+        n = sum(sizes)
+        bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), device=device, dtype=dtype)  # [2^N, N]
+        return list(bits.view(-1, n).split(sizes, dim=1))
+    joint = family.configurations(sum(sizes), device, dtype)                    # [K^N, N*K]
+    return list(joint.split([family.width(h) for h in sizes], dim=1))
 
 
 def _per_config(model: SBN, x: Tensor, max_rows: int) -> Iterable[tuple[Tensor, Tensor]]:
     """Yield (log p(x, z) ``[B, C]``, log q(z | x) ``[B, C]``) over chunks of configurations."""
     check_exact_size(model)
-    configs = all_configurations(model.latent_sizes, x.device, x.dtype)
+    configs = all_configurations(model.latent_sizes, x.device, x.dtype, model.family)
     total, B = configs[0].shape[0], x.shape[0]
     per = max(1, max_rows // max(1, B))
     for s in range(0, total, per):

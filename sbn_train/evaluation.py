@@ -104,7 +104,7 @@ def logged_views(model: SBN, cfg: VarianceConfig, max_steps: int | None = None) 
     argument ``views`` of the custom-scalars layout)."""
     if not cfg.every or (max_steps is not None and cfg.every > max_steps):
         return []
-    return [v for v in cfg.views if v != "exact" or sum(model.latent_sizes) <= cfg.exact_max_latents]
+    return [v for v in cfg.views if v != "exact" or model.n_configurations <= 2 ** cfg.exact_max_latents]
 
 
 def with_log10(values: dict[str, float]) -> dict[str, float]:
@@ -137,7 +137,7 @@ def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size:
         batches = (x.to(dtype) for x in fresh_minibatches(data, batch_size, samples, gen))
         m = gradient_moments(model, estimator, batches, gen, parameter_groups(model, "grad_var"))
         out.update({k: v["var"] for k, v in m.items()})
-    exact = "exact" in views and sum(model.latent_sizes) <= exact_max_latents
+    exact = "exact" in views and model.n_configurations <= 2 ** exact_max_latents
     if "latent" in views or exact:
         x = fixed_minibatch(data, batch_size, fixed_seed).to(dtype)
         reference = exact_gradient_by_parameter(model, x) if exact else None

@@ -68,11 +68,47 @@ def check_device(name: str) -> None:
         raise ConfigError(f"device={name} requested but CUDA is not available; use device=cpu or device=auto")
 
 
+def estimator_families(options: dict) -> tuple[str, ...]:
+    """The latent families the estimator config ``options`` (with ``_target_``) works on."""
+    from hydra.utils import get_class
+    options = dict(options)
+    cls = get_class(options.pop("_target_"))
+    return tuple(cls.supported_families(options)) if hasattr(cls, "supported_families") else ("bernoulli",)
+
+
+def check_model_fits_estimator(task: DictConfig) -> None:
+    """A :class:`ConfigError` for an estimator defined for binary latents only with a categorical model
+    (listing the estimators that work on it), and for an enumerating estimator on a model too large for it."""
+    family = OmegaConf.select(task, "model.family") or "bernoulli"
+    options = OmegaConf.to_container(task.estimator, resolve=True) if "estimator" in task else None
+    if not options or "_target_" not in options:
+        return
+    from hydra.utils import get_class
+    if getattr(get_class(options["_target_"]), "enumerates", False):
+        from .diagnostics import exact_size_error
+        error = exact_size_error(list(task.model.latent_sizes), family, int(task.model.classes))
+        if error:
+            raise ConfigError(error)
+    if family in estimator_families(options):
+        return
+    from .estimators import available_estimators
+    from .paths import config_dir
+    fit = []
+    for name in available_estimators():
+        other = OmegaConf.to_container(OmegaConf.load(config_dir() / "estimator" / f"{name}.yaml"), resolve=True)
+        if family in estimator_families(other):
+            fit.append(name)
+    name = options["_target_"].rsplit(".", 1)[-1]
+    raise ConfigError(f"estimator {name} is defined for binary latents only, and model.family={family}; "
+                      f"estimators for {family} models: {', '.join(fit)}")
+
+
 def check_run(task: DictConfig) -> None:
     """Every check a config can fail before the run starts: keys, then values, then the device."""
     check_options(task)
     typed = OmegaConf.to_object(task)
     validate(typed)
+    check_model_fits_estimator(task)
     check_device(typed.device)
 
 

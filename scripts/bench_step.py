@@ -19,6 +19,7 @@ memory before them (CPU: /proc VmHWM after resetting it; CUDA: max_memory_alloca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -32,9 +33,9 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sbn_train.config import OptimConfig  # noqa: E402
+from sbn_train.config import ModelConfig, OptimConfig  # noqa: E402
 from sbn_train.estimators import build_estimator  # noqa: E402
-from sbn_train.models import SBN  # noqa: E402
+from sbn_train.models import SBN, build_model  # noqa: E402
 from sbn_train.paths import config_dir  # noqa: E402
 from sbn_train.state import RunError, TrainState, load_checkpoint  # noqa: E402
 from sbn_train.train import TrainStep  # noqa: E402
@@ -48,9 +49,22 @@ def paper_batch(model_name: str) -> int:
     return int(cfg.train.batch_size)
 
 
-def model_spec(name: str) -> tuple[list[int], int]:
+def model_spec(name: str) -> tuple[list[int], ModelConfig]:
+    """(latent sizes, the whole model config) of ``configs/model/<name>.yaml``."""
     cfg = OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
-    return list(cfg.latent_sizes), int(cfg.get("n_hidden", 0))
+    spec = ModelConfig(**{k: v for k, v in OmegaConf.to_container(cfg).items() if k != "defaults"})
+    return list(spec.latent_sizes), spec
+
+
+def model_text(spec: ModelConfig) -> str:
+    text = f"n_hidden {spec.n_hidden}" if not spec.hidden else f"hidden {list(spec.hidden)} {spec.activation}"
+    return text if spec.family == "bernoulli" else f"{text}, {spec.family} K = {spec.classes}"
+
+
+def new_model(images: torch.Tensor, sizes: list[int], spec: ModelConfig) -> SBN:
+    """The model of ``spec`` with ``sizes`` latent variables per layer."""
+    return build_model(dataclasses.replace(spec, latent_sizes=list(sizes)), images.shape[1],
+                       x_mean=images.mean(0).cpu())
 
 
 def load_images(kind: str, device: torch.device) -> torch.Tensor:
@@ -65,11 +79,11 @@ def load_images(kind: str, device: torch.device) -> torch.Tensor:
 CHECKPOINT: str | None = None     # --checkpoint: a run's checkpoint.pt / best.pt whose model weights are timed
 
 
-def make(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, batch: int,
+def make(est_name: str, sizes: list[int], spec: ModelConfig, images: torch.Tensor, batch: int,
          device: torch.device) -> TrainStep:
     """The training step the loop runs (sbn_train.train.TrainStep) for a fresh run of ``est_name``."""
     torch.manual_seed(0)
-    model = SBN(images.shape[1], sizes, n_hidden, x_mean=images.mean(0).cpu())
+    model = new_model(images, sizes, spec)
     if CHECKPOINT:
         model.load_state_dict(load_checkpoint(Path(CHECKPOINT), torch.device("cpu"))["model"])
     model = model.to(device)
@@ -82,19 +96,19 @@ def make(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, b
     return TrainStep(state)
 
 
-def replica_step(est_name: str, sizes: list[int], n_hidden: int, images: torch.Tensor, batch: int,
+def replica_step(est_name: str, sizes: list[int], spec: ModelConfig, images: torch.Tensor, batch: int,
                  device: torch.device, r: int, graph: bool = False):
     """A callable doing one training step of ``r`` runs (seeds 1..r, learning rates spread over a decade):
     the ordinary TrainStep for r = 1, else one ReplicaGroup step; ``graph``: their CUDA-graph versions."""
     from sbn_train.graph import GraphStep
     from sbn_train.replicas import GraphedGroup, ReplicaGroup
     if r == 1:
-        step = make(est_name, sizes, n_hidden, images, batch, device)
+        step = make(est_name, sizes, spec, images, batch, device)
         return GraphStep(step) if graph else step
     states = []
     for i in range(r):
         torch.manual_seed(i + 1)
-        model = SBN(images.shape[1], sizes, n_hidden, x_mean=images.mean(0).cpu()).to(device)
+        model = new_model(images, sizes, spec).to(device)
         est = build_estimator(est_name, model).to(device)
         states.append(TrainState.create(model, est, images, batch, OptimConfig(lr=1e-4 * 10 ** (i / max(r - 1, 1))),
                                         seed=i + 1))
@@ -117,14 +131,14 @@ def replicas(args, device, images) -> None:
         head += [f"R={r} peak MB" for r in rs]
     print("| model | estimator | batch | " + " | ".join(head) + " |")
     for model_name in args.models.split(","):
-        sizes, n_hidden = model_spec(model_name)
+        sizes, spec = model_spec(model_name)
         batch = args.batch or paper_batch(model_name)
         for name in names:
             steps, peaks = {}, {}
             for r, g in cols:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                steps[r, g] = replica_step(name, sizes, n_hidden, images, batch, device, r, graph=g)
+                steps[r, g] = replica_step(name, sizes, spec, images, batch, device, r, graph=g)
                 for _ in range(5 if g else 1):                  # a graph: warm-up steps, then the capture
                     steps[r, g]()
                 sync(device)
@@ -171,8 +185,8 @@ def timed_step(step: TrainStep, device) -> tuple[float, float, float, float]:
     return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3
 
 
-def time_estimators(names, sizes, n_hidden, batch, rounds, images, device, slow_rounds) -> dict:
-    steps = {n: make(n, sizes, n_hidden, images, batch, device) for n in names}
+def time_estimators(names, sizes, spec, batch, rounds, images, device, slow_rounds) -> dict:
+    steps = {n: make(n, sizes, spec, images, batch, device) for n in names}
     times = {n: [] for n in names}
     for r in range(rounds + 2):                                   # 2 warm-up rounds
         for n in names:
@@ -206,10 +220,10 @@ def _status_kb(field: str) -> int:
 def memory_child(args) -> None:
     device = torch.device(args.device)
     images = load_images(args.data, device)
-    sizes, n_hidden = model_spec(args.models)
+    sizes, spec = model_spec(args.models)
     if args._sizes:
         sizes = [int(s) for s in args._sizes.split(",")]
-    step = make(args._memory, sizes, n_hidden, images, args.batch, device)
+    step = make(args._memory, sizes, spec, images, args.batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -226,12 +240,12 @@ def memory_child(args) -> None:
 def headline(args, device, images) -> None:
     names = args.estimators.split(",")
     for model_name in args.models.split(","):
-        sizes, n_hidden = model_spec(model_name)
+        sizes, spec = model_spec(model_name)
         batch = args.batch or paper_batch(model_name)
-        res = time_estimators(names, sizes, n_hidden, batch, args.rounds, images, device, args.slow_rounds)
+        res = time_estimators(names, sizes, spec, batch, args.rounds, images, device, args.slow_rounds)
         mem = {n: peak_memory_mb(n, model_name, batch, args.device, args.data) for n in names} if args.memory else {}
         base = res.get("reinforce", [None] * 5)[4]
-        print(f"\n## {model_name} (latent {sizes}, n_hidden {n_hidden}), batch {batch}, {device}")
+        print(f"\n## {model_name} (latent {sizes}, {model_text(spec)}), batch {batch}, {device}")
         print(f"{'estimator':<20}{'batch':>8}{'forward':>10}{'backward':>10}{'optim':>8}{'step ms':>10}"
               f"{'/reinforce':>12}{'peak extra MB':>15}")
         for n in names:
@@ -240,7 +254,7 @@ def headline(args, device, images) -> None:
             print(f"{n:<20}{d:>8.2f}{f:>10.2f}{b:>10.2f}{o:>8.2f}{tot:>10.2f}{ratio:>12}"
                   f"{mem.get(n, float('nan')):>15.1f}")
         step = {n: r[4] for n, r in res.items()}
-        graph = graph_times(names, sizes, n_hidden, batch, args.rounds, images, device) \
+        graph = graph_times(names, sizes, spec, batch, args.rounds, images, device) \
             if device.type == "cuda" else {}
         throughput_table(names, step, graph)
         if graph and "marginal" in graph and "nvil" in graph and graph["marginal"] and graph["nvil"]:
@@ -249,17 +263,47 @@ def headline(args, device, images) -> None:
             print(f"ratio marginal/nvil = {step['marginal'] / step['nvil']:.2f}")
         if "marginal" in step and "marginal_reference" in step:
             print(f"ratio marginal_reference/marginal = {step['marginal_reference'] / step['marginal']:.1f}")
+        if spec.family == "categorical" and "marginal" in step:
+            floor = floor_ms(sizes, spec, images, batch, args.rounds, device)
+            print(f"floor (every alternative's rows through the generative nets that read its layer, one batched "
+                  f"product per layer) = {floor:.2f} ms; ratio marginal/floor = {step['marginal'] / floor:.2f}")
+
+
+def floor_ms(sizes, spec, images, batch, rounds, device) -> float:
+    """The categorical marginal step's floor: for every layer l, the B*H_l*(K-1) alternatives' rows (first-layer
+    pre-activations of the generative net that reads layer l, built before timing) through that net's MLP
+    tail and the log-likelihood of the layer below, as one batched product per layer (for the VAE: 180 x B rows
+    through 256-512-784 and the Bernoulli log-likelihood of x). Median ms over ``rounds``."""
+    torch.manual_seed(0)
+    model = new_model(images, sizes, spec).to(device)
+    x = (images[:batch] > 0.5).to(images.dtype)
+    K = model.family.classes
+    with torch.no_grad():
+        zs = model.sample_q(x, model.draw_uniforms(batch))
+        below = [x] + zs[:-1]
+        rows = [model.p_nets[l].first(zs[l]).repeat_interleave(h * (K - 1), 0) for l, h in enumerate(sizes)]
+        targets = [v.repeat_interleave(h * (K - 1), 0) for v, h in zip(below, sizes)]
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for l, (r, v) in enumerate(zip(rows, targets)):
+                model.log_prob_below(l, v, model.p_nets[l].tail(r))
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 RUN_STEPS = 2_000_000    # the paper's run length for the linear and deep models
 
 
-def graph_times(names, sizes, n_hidden, batch, rounds, images, device) -> dict[str, float | None]:
+def graph_times(names, sizes, spec, batch, rounds, images, device) -> dict[str, float | None]:
     """ms per step of the CUDA-graph replay of the same step (None where it cannot be captured)."""
     from sbn_train.graph import WARMUP_STEPS, GraphStep, graph_unsupported_reason
     out: dict[str, float | None] = {}
     for n in names:
-        step = make(n, sizes, n_hidden, images, batch, device)
+        step = make(n, sizes, spec, images, batch, device)
         if graph_unsupported_reason(step.state) is not None:
             out[n] = None
             continue
@@ -328,8 +372,8 @@ def worker(args) -> None:
     """One of the concurrent runs: warm up, then count steps in the common window."""
     device = torch.device(args.device)
     images = load_images(args.data, device)
-    sizes, n_hidden = model_spec(args.models)
-    step = make(args._worker, sizes, n_hidden, images, args.batch, device)
+    sizes, spec = model_spec(args.models)
+    step = make(args._worker, sizes, spec, images, args.batch, device)
     if device.type == "cuda":
         from sbn_train.graph import GraphStep, graph_unsupported_reason
         if graph_unsupported_reason(step.state) is None:
@@ -353,14 +397,14 @@ def scaling(args, device, images) -> None:
     print("\n## marginal step vs batch size (sbn_2layer, latent [200, 200])")
     print(f"{'batch':>6}{'step ms':>10}{'ms per 1k B*H*(D+H)':>22}{'peak extra MB':>15}")
     for batch in (20, 100, 400, 1000):
-        t = time_estimators(["marginal"], [200, 200], 0, batch, args.rounds, images, device, 0)["marginal"][4]
+        t = time_estimators(["marginal"], [200, 200], model_spec("sbn_2layer")[1], batch, args.rounds, images, device, 0)["marginal"][4]
         mem = peak_memory_mb("marginal", "sbn_2layer", batch, args.device, args.data) if args.memory else float("nan")
         work = batch * 200 * (784 + 200) / 1e3
         print(f"{batch:>6}{t:>10.2f}{t / work:>22.5f}{mem:>15.1f}")
     print("\n## marginal step vs layer width (two layers of width H, batch 100)")
     print(f"{'H':>6}{'step ms':>10}{'ms per 1k B*H*(D+H)':>22}")
     for h in (50, 200, 500):
-        t = time_estimators(["marginal"], [h, h], 0, 100, args.rounds, images, device, 0)["marginal"][4]
+        t = time_estimators(["marginal"], [h, h], model_spec("sbn_2layer")[1], 100, args.rounds, images, device, 0)["marginal"][4]
         print(f"{h:>6}{t:>10.2f}{t / (100 * h * (784 + h) / 1e3):>22.5f}")
 
 

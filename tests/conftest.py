@@ -8,10 +8,11 @@ from sbn_train.models import SBN
 torch.set_num_threads(1)
 
 
-def random_sbn(x_dim=5, latent_sizes=(3, 3), n_hidden=0, seed=0, scale=1.0) -> SBN:
-    """A float64 SBN with random (not initial) parameters, so no symmetry hides a bug."""
+def random_sbn(x_dim=5, latent_sizes=(3, 3), n_hidden=0, seed=0, scale=1.0, **family) -> SBN:
+    """A float64 SBN with random (not initial) parameters, so no symmetry hides a bug. ``family``: the
+    model's other keywords (``family="categorical", classes=3``, ``hidden``, ...)."""
     torch.manual_seed(seed)
-    model = SBN(x_dim=x_dim, latent_sizes=list(latent_sizes), n_hidden=n_hidden).double()
+    model = SBN(x_dim=x_dim, latent_sizes=list(latent_sizes), n_hidden=n_hidden, **family).double()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, scale)

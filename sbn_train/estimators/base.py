@@ -15,6 +15,7 @@ device, converted to floats by whoever logs them (a host read is a synchronizati
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -55,9 +56,23 @@ class Estimator(nn.Module):
     #: given the other noise (Tokui & Sato), so its variance is no smaller than the marginal estimator's. Other
     #: control variates (MuProp's, REBAR/RELAX's, the antithetic pairs) are outside that theorem.
     rao_blackwellized_by_marginal: bool = False
+    #: the latent families (``sbn_train.models.FAMILIES``) the estimator is defined for
+    families: tuple[str, ...] = ("bernoulli",)
+
+    @classmethod
+    def supported_families(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The families an instance built with the config ``options`` (constructor keywords) works on."""
+        return cls.families
 
     def __init__(self, model: SBN | None = None):
         super().__init__()
+        if model is not None:
+            name = model.family.name
+            supported = self.supported_families(getattr(self, "_options", {}))
+            if name not in supported:
+                words = {"bernoulli": "binary", "categorical": "categorical"}
+                raise ValueError(f"{type(self).__name__} is defined for {' and '.join(words[f] for f in supported)} "
+                                 f"latents only, and this model's are {words.get(name, name)}")
 
     def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:  # noqa: D401
         raise NotImplementedError

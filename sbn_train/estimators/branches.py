@@ -25,11 +25,11 @@ from .marginal_fast import _FlipTable, flip_log_prob_change
 @dataclass
 class Sample:
     """One draw z ~ q(. | x) with the quantities every estimator needs."""
-    uniforms: list[Tensor]     # u_l, [B, H_l]
-    lus: list[Tensor]          # logit(u_l), [B, H_l]
-    zs: list[Tensor]           # z_l in {0, 1}, [B, H_l]
-    parents: list[Tensor]      # z_{l-1} (x for l = 1), [B, H_{l-1}]
-    q_logits: list[Tensor]     # a_l = logits of q(z_l | z_{l-1}), [B, H_l]; gradients reach phi
+    uniforms: list[Tensor]     # u_l, [B, H_l] (one per variable)
+    lus: list[Tensor]          # the family's prepared uniforms (logit(u_l) for bits, u_l for categorical)
+    zs: list[Tensor]           # z_l, the layer's encoding: {0, 1} bits [B, H_l], or one-hot blocks [B, H_l*K]
+    parents: list[Tensor]      # z_{l-1} (x for l = 1), [B, width of layer l-1]
+    q_logits: list[Tensor]     # a_l = logits of q(z_l | z_{l-1}), [B, width of layer l]; gradients reach phi
     log_p: list[Tensor]        # [log p(z_{l-1} | z_l) for l = 1..L] + [log p(z_L)], each [B]; reach theta
     log_q: list[Tensor]        # log q(z_l | z_{l-1}), each [B]; reach phi
 
@@ -37,14 +37,15 @@ class Sample:
 def sample_layers(model: SBN, x: Tensor, generator: torch.Generator | None) -> Sample:
     """Ancestral sampling as ``model.sample_q`` (same uniforms, same values); each layer's logits are
     computed once and kept with their gradients."""
+    fam = model.family
     uniforms = model.draw_uniforms(x.shape[0], generator, x.device, x.dtype)
-    lus = [logit_of_uniform(u) for u in uniforms]
+    lus = [fam.prepare(u) for u in uniforms]
     zs, q_logits, parent = [], [], x
     for l, lu in enumerate(lus, start=1):
         q_logits.append(model.q_logits(l, parent))                  # [B, H_l], reaches phi
-        parent = threshold(lu, q_logits[-1].detach())
+        parent = fam.sample(lu, q_logits[-1].detach())
         zs.append(parent)
-    log_q = [bernoulli_log_prob(z, a) for z, a in zip(zs, q_logits)]
+    log_q = [fam.log_prob(z, a) for z, a in zip(zs, q_logits)]
     return Sample(uniforms, lus, zs, [x] + zs[:-1], q_logits, model.log_p_layers(x, zs), log_q)
 
 
@@ -63,11 +64,11 @@ def downstream_signals(log_p: list[Tensor], log_q: list[Tensor]) -> list[Tensor]
 @torch.no_grad()
 def layer_signal(model: SBN, x: Tensor, zs: list[Tensor], l: int) -> Tensor:
     """s_l = log p(z_L) + sum_{k >= l} [log p(z_{k-1} | z_k) - log q(z_k | z_{k-1})], ``[B]`` (l is 1-based)."""
-    below = [x] + list(zs)
-    s = bernoulli_log_prob(below[-1], model.prior_logits)
+    below, fam = [x] + list(zs), model.family
+    s = fam.log_prob(below[-1], model.prior_logits)
     for k in range(l, model.n_layers + 1):
-        s = s + bernoulli_log_prob(below[k - 1], model.p_nets[k - 1](below[k]))
-        s = s - bernoulli_log_prob(below[k], model.q_logits(k, below[k - 1]))
+        s = s + model.log_prob_below(k - 1, below[k - 1], model.p_nets[k - 1](below[k]))
+        s = s - fam.log_prob(below[k], model.q_logits(k, below[k - 1]))
     return s
 
 
@@ -76,7 +77,7 @@ def resimulate(model: SBN, zs: list[Tensor], lus: list[Tensor], l: int, z_l: Ten
     """``zs`` with layer l (1-based) set to ``z_l`` and layers l+1..L re-drawn from the same ``lus``."""
     out = list(zs[:l - 1]) + [z_l]
     for k in range(l + 1, model.n_layers + 1):
-        out.append(threshold(lus[k - 1], model.q_logits(k, out[-1])))
+        out.append(model.family.sample(lus[k - 1], model.q_logits(k, out[-1])))
     return out
 
 

@@ -15,6 +15,9 @@ from .base import Estimate, Estimator
 class Exact(Estimator):
     monte_carlo = False
     q_samples = 0
+    #: enumerates every latent configuration: the command line checks the model's size when composing
+    enumerates = True
+    families = ("bernoulli", "categorical")
 
     def __init__(self, model: SBN | None = None, max_rows: int = 1 << 18):
         super().__init__(model)

@@ -45,10 +45,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..models import SBN, bernoulli_entropy, logit_of_uniform, threshold
+from ..models import SBN, Categorical, bernoulli_entropy, logit_of_uniform, threshold
 from .base import DEFAULT_MAX_ELEMENTS, check_max_elements
 from .branches import Sample
 from .layerwise import LayerwiseEstimator
+from .marginal_categorical import categorical_deltas, categorical_deltas_reference
 from .marginal_fast import Workspace, flip_deltas
 
 __all__ = ["Marginal", "flip_deltas", "flip_deltas_reference", "top_prior_mean_shift"]
@@ -120,6 +121,7 @@ def top_prior_mean_shift(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list
 class Marginal(LayerwiseEstimator):
     """Tokui & Sato's marginal ("RAM") estimator: every unit of every layer marginalized, descendants
     re-simulated with common random numbers. Unbiased; exact (zero variance) with one latent unit.
+    On a categorical model every variable's K values are summed out (:mod:`.marginal_categorical`).
 
     Args:
         max_elements: bound on the size of per-chunk temporaries (memory ~ 4 bytes x this x a few); None:
@@ -131,8 +133,15 @@ class Marginal(LayerwiseEstimator):
             authors' published code computes it (module docstring). Biased unless the prior logits are 0.
     """
 
+    families = ("bernoulli", "categorical")
+
+    @classmethod
+    def supported_families(cls, options) -> tuple[str, ...]:
+        return ("bernoulli",) if options.get("top_prior_at_mean") else cls.families
+
     def __init__(self, model: SBN | None = None, max_elements: int | None = None,
                  implementation: str = "fast", n_samples: int = 1, top_prior_at_mean: bool = False):
+        self._options = {"top_prior_at_mean": top_prior_at_mean}
         super().__init__(model)
         if implementation not in ("fast", "reference"):
             raise ValueError(f"implementation must be 'fast' or 'reference', got {implementation!r}")
@@ -159,7 +168,19 @@ class Marginal(LayerwiseEstimator):
 
     def layer_terms(self, model: SBN, x: Tensor, s: Sample) -> tuple[list[Tensor], None]:
         """t_l = H(q(. | z_{l-1})) + sum_i mu_{l,i} (F(z_{l,i}=1) - F(z_{l,i}=0)), the differences constant."""
+        if isinstance(model.family, Categorical):
+            return self.categorical_terms(model, x, s), None
         deltas = self.deltas(model, x, s.zs, s.uniforms)
         # F(1) - F(0) = (1 - 2z) * Delta; d mu carries the gradient
         return [bernoulli_entropy(a) + (torch.sigmoid(a) * ((1 - 2 * z) * delta)).sum(-1)
                 for a, z, delta in zip(s.q_logits, s.zs, deltas)], None
+
+    def categorical_terms(self, model: SBN, x: Tensor, s: Sample) -> list[Tensor]:
+        """t_l = H(q(. | z_{l-1})) + sum_{i,k} q_{l,i}(k) D_{l,i,k}, the differences constant."""
+        fam = model.family
+        if self.implementation == "reference":
+            deltas = categorical_deltas_reference(model, x, s.zs, s.uniforms)
+        else:
+            deltas = categorical_deltas(model, x, s.zs, s.uniforms, self.max_elements)
+        return [fam.entropy(a) + (torch.softmax(fam.blocks(a), -1) * delta).sum((-2, -1))
+                for a, delta in zip(s.q_logits, deltas)]

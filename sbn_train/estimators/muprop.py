@@ -48,6 +48,8 @@ def mean_field_expansion(model: SBN, x: Tensor) -> tuple[list[Tensor], list[Tens
 class MuProp(ScoreFunction):
     """MuProp with optional NVIL baselines on its residual (``muprop`` = MuProp+C+IDB)."""
 
+    families = ("bernoulli",)      # its mean-field expansion is written for bits
+
     # the baseline f(mu) + f'(mu)(z - mu) depends on the unit itself: outside the marginal estimator's theorem
     rao_blackwellized_by_marginal = False
 

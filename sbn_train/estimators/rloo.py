@@ -23,6 +23,8 @@ from .layerwise import SignalEstimator
 class RLOO(SignalEstimator):
     """Leave-one-out baseline per layer over ``n_samples`` (K >= 2) samples per example."""
 
+    families = ("bernoulli", "categorical")
+
     def __init__(self, model: SBN | None = None, n_samples: int = 2):
         super().__init__(model)
         if n_samples < 2:

@@ -31,6 +31,7 @@ class ScoreFunction(SignalEstimator):
     baselines. ``reinforce`` = neither, ``reinforce_ma`` = LR+C, ``nvil`` = LR+C+IDB."""
 
     rao_blackwellized_by_marginal = True
+    families = ("bernoulli", "categorical")
 
     def __init__(self, model: SBN | None = None, moving_average: bool = False, input_dependent: bool = False,
                  ma_rate: float = 0.2, baseline_hidden: int = 100, normalize_variance: bool = False):

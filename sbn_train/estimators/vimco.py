@@ -45,6 +45,7 @@ class VIMCO(Estimator):
 
     unbiased = False          # not for the ELBO: it estimates the gradient of the K-sample bound
     objective = "iwae"
+    families = ("bernoulli", "categorical")
 
     def __init__(self, model: SBN | None = None, n_samples: int = 5):
         super().__init__(model)
