@@ -329,3 +329,7 @@ def test_categorical_runs_end_to_end(tmp_path, model, estimator):
     assert results["status"] == "finished" and math.isfinite(m["test/elbo"]) and math.isfinite(m["test/iwae20"])
     assert m["test/iwae20"] >= m["test/elbo"] - 5
     assert any(k.startswith("grad_var/") for k in m), sorted(m)
+    from test_cli import tensorboard_extras
+    extras = tensorboard_extras(run)
+    assert extras["images"] == ["images/data", "images/reconstructions", "images/samples"]
+    assert extras["hparams"]["family"] == "categorical" and extras["hparams"]["classes"] == "5"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..models import SBN, Categorical
+from ..models import SBN, Categorical, softplus
 from .base import DEFAULT_MAX_ELEMENTS
 
 __all__ = ["categorical_deltas", "categorical_deltas_reference"]
@@ -60,19 +60,15 @@ def categorical_deltas_reference(model: SBN, x: Tensor, zs: list[Tensor], unifor
     return out
 
 
-def _upper_terms(model: SBN, l: int, below: Tensor, z_l: Tensor, pre_p: Tensor, pre_q: Tensor | None,
-                 noise: list[Tensor]) -> Tensor:
-    """The terms of F that depend on layer l (1-based) and the layers above it, for configurations of layer l
-    given as ``z_l`` [..., W_l] with the first-layer pre-activations of the two nets that read it (``pre_p``
-    of p_nets[l-1], ``pre_q`` of q_nets[l], None for the top layer), the layers above re-drawn from ``noise``:
-
-        log p(z_{l-1} | z_l) + sum_{m > l} [log p(z_{m-1} | z_m) + H(q(. | z_{m-1}))] + log p(z_L).   [...]
-    """
+def _above(model: SBN, l: int, z: Tensor, logits: Tensor, noise: list[Tensor]) -> Tensor:
+    """sum_{m > l} [log p(z_{m-1} | z_m) + H(q(. | z_{m-1}))] + log p(z_L) for layer l (1-based, below the top)
+    at the configurations ``z`` [..., W_l], given the q logits of layer l+1 that ``z`` gives; the layers above
+    are re-drawn from ``noise`` (each broadcasting against the configurations' leading dims)."""
     fam, L = model.family, model.n_layers
-    total = model.log_prob_below(l - 1, below, model.p_nets[l - 1].tail(pre_p))
-    z = z_l
+    total = 0
     for m in range(l + 1, L + 1):
-        logits = model.q_nets[m - 1].tail(pre_q) if m == l + 1 else model.q_nets[m - 1](z)
+        if m > l + 1:
+            logits = model.q_nets[m - 1](z)
         total = total + fam.entropy(logits)
         z_next = fam.sample(noise[m - 1].expand(*logits.shape[:-1], noise[m - 1].shape[-1]), logits)
         total = total + fam.log_prob(z, model.p_nets[m - 1](z_next))
@@ -80,49 +76,87 @@ def _upper_terms(model: SBN, l: int, below: Tensor, z_l: Tensor, pre_p: Tensor, 
     return total + fam.log_prob(z, model.prior_logits)
 
 
+def _upper_terms(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise: list[Tensor]) -> Tensor:
+    """The terms of F that depend on layer l (1-based) or the layers above it, at the sample, ``[B]``:
+    log p(z_{l-1} | z_l) + sum_{m > l} [log p(z_{m-1} | z_m) + H(q(. | z_{m-1}))] + log p(z_L)."""
+    below, z = ([x] + zs)[l - 1], zs[l - 1]
+    first = model.log_prob_below(l - 1, below, model.p_nets[l - 1](z))
+    if l == model.n_layers:
+        return first + model.family.log_prob(z, model.prior_logits)
+    return first + _above(model, l, z, model.q_logits(l + 1, z), noise)
+
+
+def _change_table(weight: Tensor, H: int, K: int) -> Tensor:
+    """``[H*K*(K-1), h]``: row (i*K + o)*(K-1) + j-1 is W[:, i*K + (o+j) mod K] - W[:, i*K + o], the change of a
+    net's first-layer pre-activations when variable i moves from class o by j (``weight`` ``[h, H*K]``)."""
+    wt = weight.T.reshape(H, K, -1)                                          # [H, K, h]
+    o = torch.arange(K, device=weight.device)
+    new = (o[:, None] + torch.arange(1, K, device=weight.device)) % K        # [K, K-1]
+    return (wt[:, new] - wt[:, o, None]).reshape(H * K * (K - 1), -1)
+
+
 @torch.no_grad()
 def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
                        max_elements: int | None = None) -> list[Tensor]:
     """D_{l,i,k} as :func:`categorical_deltas_reference`, one ``[B, H_l, K]`` per layer, computed with rank-2
     updates of the first layers of the nets that read layer l, in chunks of variables whose largest
-    temporary has at most ``max_elements`` entries."""
+    temporary has at most ``max_elements`` entries.
+
+    Per layer l and alternative (variable i moved from its class o by j = 1..K-1):
+    - the generative net below: pre-activations pre + T[i, o, j] (:func:`_change_table`), then its MLP tail
+      and the log-likelihood of the layer below; for x under a linear net, x . logits is x . pre plus a
+      gathered entry of x T^T, so only the softplus sum runs over the [B, alternatives, D] entries;
+    - the top layer's prior: a gathered difference of its log-softmax;
+    - below the top, the inference net of layer l+1 likewise (rank-2), then the layers above re-drawn
+      from the same uniforms and scored densely."""
     fam = _family(model)
     K, B, L = fam.classes, x.shape[0], model.n_layers
     max_elements = max_elements or DEFAULT_MAX_ELEMENTS
-    noise = [fam.prepare(u)[:, None, :] for u in uniforms]                   # [B, 1, H_m]: broadcast over branches
-    below_all = [x] + list(zs)
+    noise = [fam.prepare(u) for u in uniforms]
     widest = max(model.sizes + [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    shift = torch.arange(1, K, device=x.device)                              # the K - 1 other values
     out = []
     for l, H in enumerate(model.latent_sizes, start=1):
-        z_l, below = zs[l - 1], below_all[l - 1]
+        z_l, below = zs[l - 1], ([x] + zs)[l - 1]
         p_net, q_net = model.p_nets[l - 1], (model.q_nets[l] if l < L else None)
+        base = _upper_terms(model, l, x, zs, noise)                          # [B]
         pre_p = p_net.first(z_l)                                             # [B, h_p]
-        pre_q = q_net.first(z_l) if q_net is not None else None
-        base = _upper_terms(model, l, below, z_l, pre_p, pre_q, [n[:, 0] for n in noise])   # [B]
+        table_p = _change_table(p_net.first.weight, H, K)
+        direct = l == 1 and p_net.is_linear                                  # x . logits by a gathered product
+        if direct:
+            x_pre = (x * pre_p).sum(-1)                                      # [B]
+            x_table = x @ table_p.T                                          # [B, H*K*(K-1)]
+        if q_net is not None:
+            pre_q, table_q = q_net.first(z_l), _change_table(q_net.first.weight, H, K)
+        else:
+            prior = torch.log_softmax(fam.blocks(model.prior_logits), -1).flatten(-2)   # [W_L]
         cls = fam.blocks(z_l).argmax(-1)                                     # [B, H]
-        shift = torch.arange(1, K, device=x.device)                          # the K - 1 other values
         columns = torch.arange(z_l.shape[-1], device=x.device)
         chunk = max(1, min(H, max_elements // max(1, B * (K - 1) * widest)))
         parts = []
         for a in range(0, H, chunk):
             e = min(H, a + chunk)
             old = cls[:, a:e]                                                # [B, c]
-            new = (old[..., None] + shift) % K                               # [B, c, K-1]
-            offset = (torch.arange(a, e, device=x.device) * K)[None, :]
-            old_col, new_col = (offset + old)[..., None], offset[..., None] + new   # [B, c, 1], [B, c, K-1]
-            # z_l with variable i moved from its class to the new one (comparisons, not scatters: vmap-able)
-            z_alt = (z_l[:, None, None, :] - (columns == old_col[..., None]).to(z_l.dtype)
-                     + (columns == new_col[..., None]).to(z_l.dtype))        # [B, c, K-1, W_l]
-            wt_p = p_net.first.weight.T                                      # [W_l, h_p]
-            alt_p = pre_p[:, None, None, :] + (wt_p[new_col] - wt_p[old_col])
-            alt_q = None
-            if q_net is not None:
-                wt_q = q_net.first.weight.T
-                alt_q = pre_q[:, None, None, :] + (wt_q[new_col] - wt_q[old_col])
-            upper = _upper_terms(model, l, below[:, None, None, :], z_alt, alt_p, alt_q, [n[:, None] for n in noise])
+            rows = ((torch.arange(a, e, device=x.device) * K)[None, :] + old)        # [B, c]: i*K + o
+            change = rows[..., None] * (K - 1) + (shift - 1)                 # [B, c, K-1]: rows of the tables
+            alt_p = pre_p[:, None, None, :] + table_p[change]                # [B, c, K-1, h_p]
+            if direct:
+                upper = (x_pre[:, None, None] + torch.gather(x_table, 1, change.flatten(1)).view(change.shape)
+                         - softplus(alt_p).sum(-1))
+            else:
+                upper = model.log_prob_below(l - 1, below[:, None, None, :], p_net.tail(alt_p))
+            new_col = rows[..., None] - old[..., None] + (old[..., None] + shift) % K   # [B, c, K-1]: i*K + new
+            if q_net is None:                                                # the top layer: its prior
+                upper = upper + (model.family.log_prob(z_l, model.prior_logits)[:, None, None]
+                                 + prior[new_col] - prior[rows][..., None])
+            else:
+                # z_l with variable i moved to its new class (comparisons, not scatters: vmap-able)
+                z_alt = (z_l[:, None, None, :] - (columns == rows[..., None, None]).to(z_l.dtype)
+                         + (columns == new_col[..., None]).to(z_l.dtype))    # [B, c, K-1, W_l]
+                logits = q_net.tail(pre_q[:, None, None, :] + table_q[change])
+                upper = upper + _above(model, l, z_alt, logits, [n[:, None, None, :] for n in noise])
             # by class: class k is shift (k - old) mod K, and shift 0 (the sampled class) has difference 0
             padded = torch.cat([torch.zeros_like(upper[..., :1]), upper - base[:, None, None]], -1)   # [B, c, K]
             parts.append(torch.gather(padded, -1, (torch.arange(K, device=x.device) - old[..., None]) % K))
-        delta = torch.cat(parts, 1)                                          # [B, H, K]
-        out.append(delta)
+        out.append(torch.cat(parts, 1))                                      # [B, H, K]
     return out
