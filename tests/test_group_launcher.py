@@ -44,6 +44,35 @@ def test_the_submitit_launchers_are_the_group_launchers(launcher, cls):
         assert cfg.hydra.launcher.timeout_min == 4320 and cfg.hydra.launcher.max_num_timeout == 10
 
 
+def test_the_slurm_jobs_get_the_configured_resources(tmp_path, monkeypatch):
+    """hydra/launcher=slurm's resources reach each group's sbatch script as they reach the plugin's jobs
+    (submitit needs an srun on PATH to build a SLURM executor: a stand-in here)."""
+    import os
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from hydra_plugins.sbn_train_submitit.group_launcher import GroupSlurmLauncher
+    from sbn_train.launcher import register_launchers
+    from sbn_train.paths import config_dir
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    register_launchers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                           f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params.pop("_target_")
+    launcher = GroupSlurmLauncher(**params)
+    executor = submitit.AutoExecutor(cluster="slurm", **launcher._init_params())
+    executor.update_parameters(**launcher._job_params())
+    assert executor._executor.max_num_timeout == 10
+    script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    for line in ["--time=4320", "--gpus-per-node=1", "--cpus-per-task=4", "--mem=32GB", "--partition=gpu",
+                 "--signal=USR2@120", "--job-name=sbn-train"]:
+        assert f"#SBATCH {line}\n" in script, line
+
+
 def test_partition_keeps_sweep_order_and_caps_groups():
     from sbn_train.groups import partition
     keys = [("a", 2), ("b", 3), ("a", 9), ("a", 1), ("b", 1), ("c", 1)]

@@ -15,7 +15,8 @@ resubmits on preemption or timeout and in the job's pickle that SLURM reloads wh
 itself, so a new attempt resumes every run of the group from its checkpoint.
 
 Hydra imports this module on every start (its plugin scan): it imports nothing of sbn_train or torch at
-module level.
+module level. No ``from __future__ import annotations``: the scan executes the module before it is in
+sys.modules, where dataclasses cannot resolve string annotations.
 """
 
 import logging
