@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from . import groups, launch  # noqa: E402
 from .config import Config, register_configs, validate  # noqa: E402
-from .launcher import MAIN_PID_ENV  # noqa: E402
+from .launcher import MAIN_PID_ENV, register_launchers  # noqa: E402
 from .paths import config_dir  # noqa: E402
 from .run_names import NAME_EXCLUDE, SWEPT_ENV, run_name, swept_keys  # noqa: E402,F401  (re-exported)
 
@@ -54,6 +54,7 @@ if Path(sys.argv[0]).name in ("sbn-train", "cli.py"):
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("sbn_groups", lambda: launch.group_options(), replace=True)
 register_configs()
+register_launchers()   # hydra/launcher=submitit_slurm, submitit_local: one job per replica group
 if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
     signal.signal(signal.SIGINT, _previous_sigint)   # from here on: KeyboardInterrupt, reported by main()
 
@@ -114,7 +115,7 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
     log_test_cost(typed, splits)
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)
-    config = {**OmegaConf.to_container(cfg, resolve=True), "estimator_choice": choices.get("estimator")}
+    config = groups.run_config(cfg, choices)
     record = record_texts(cfg)
     return RunSpec(model, estimator, splits, settings, Path(out_dir), hparams, config,
                    on_start=lambda: _write_record(record, Path(out_dir)))

@@ -164,10 +164,11 @@ class Checks(Callback):
                 # the cap shapes the whole sweep: refused before any job starts
                 raise ConfigError(f"train.replicas must be a positive integer (the largest replica group), "
                                   f"got {replicas}")
-            if replicas > 1 and not str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+            from .groups import launcher_groups
+            if replicas > 1 and not launcher_groups(str(config.hydra.launcher.get("_target_", ""))):
                 print(f"sbn-train: warning: train.replicas={replicas}: replica groups need Hydra's basic launcher "
-                      f"(this sweep's launcher starts each job on its own); the jobs run one by one",
-                      file=sys.stderr)
+                      f"or hydra/launcher=slurm, submitit_slurm or submitit_local (this sweep's launcher starts "
+                      f"each job on its own); the jobs run one by one", file=sys.stderr)
         except expected_errors() as e:
             raise Refused(e) from None
         SWEEP.update(dir=Path(str(config.hydra.sweep.dir)), start=time.time())
@@ -269,7 +270,7 @@ def group_options() -> str:
     for group in ("dataset", "model", "estimator", "optim", "experiment", "hydra/launcher", "hydra/sweeper"):
         names = sorted(p.stem for p in (root / group).glob("*.yaml"))
         if group == "hydra/launcher":
-            names = sorted({*names, "joblib"})
+            names = sorted({*names, "joblib", "submitit_local", "submitit_slurm"})
         lines += textwrap.wrap(", ".join(names), width=100, initial_indent=f"  {group + '=':<17}",
                                subsequent_indent=" " * 19, break_on_hyphens=False)
     return "\n".join(lines)

@@ -12,9 +12,9 @@
   new attempt resumes from the checkpoint instead of refusing a folder that holds a run
   (``train.overwrite`` is dropped: it would discard the saved steps; neither key names the run folder).
   The job's pickle is rewritten the same way, for restarts that SLURM makes by itself.
-
-Why not a launcher subclass with its own ``checkpoint``: Hydra loads launchers only from its
-``hydra_plugins`` namespace, and an editable install of this project cannot add to it.
+* This project's submitit launchers (hydra_plugins/sbn_train_submitit) submit one job per replica group:
+  its call holds the overrides of every job of the group, and each of them is given ``train.resume=true``,
+  so a requeued group resumes every one of its runs.
 """
 from __future__ import annotations
 
@@ -33,6 +33,22 @@ MAIN_PID_ENV = "SBN_TRAIN_MAIN_PID"
 RESUME = "train.resume=true"
 _DROPPED = ("train.resume", "train.overwrite")
 _SUBMITIT_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher"
+
+
+#: the module of this project's launchers (one submitit job per replica group), once Hydra's scan has loaded it
+GROUP_LAUNCHER_MODULE = "hydra_plugins.sbn_train_submitit.group_launcher"
+
+
+def register_launchers() -> None:
+    """Make ``hydra/launcher=submitit_slurm`` and ``submitit_local`` this project's launchers, which submit one
+    job per replica group (hydra_plugins/sbn_train_submitit), in this process only. Hydra's plugin scan
+    (once per process) stores the plugin's own configs of those names, so it runs first; other Hydra apps of
+    the environment keep the plugin's launchers. Nothing changes when the plugin folder is not found."""
+    from hydra.core.plugins import Plugins
+    Plugins.instance()
+    module = sys.modules.get(GROUP_LAUNCHER_MODULE)
+    if module is not None:
+        module.register(shadow=True)
 
 
 def setup_job() -> None:
@@ -91,14 +107,18 @@ def resume_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def resume_when_requeued() -> bool:
-    """In a job of Hydra's submitit launcher: make every later attempt of the job run with
-    ``train.resume=true``. Returns whether it did (False outside such a job)."""
+    """In a job of Hydra's submitit launcher (or of this project's, one job per replica group): make every
+    later attempt of the job run with ``train.resume=true`` (each run of a group). Returns whether it did
+    (False outside such a job)."""
     found = _submitit_submission()
     if found is None:
         return False
     delayed, pickle_path = found
     overrides, *rest = delayed.args
-    delayed.args = (resume_overrides(overrides), *rest)
+    if _is_overrides(overrides):
+        delayed.args = (resume_overrides(overrides), *rest)
+    else:                                         # a replica group: the overrides of each of its jobs
+        delayed.args = ([resume_overrides(job) for job in overrides], *rest)
     # A restart that submitit does not drive (SLURM requeueing a job by itself after a node failure, or
     # on a preemption that sends SIGTERM only) reloads the job's pickle: it resumes too.
     from submitit import JobEnvironment
@@ -130,9 +150,14 @@ def _submitit_submission() -> tuple[Any, Path] | None:
     # unpickled and the class that an import gives are not the same object
     launcher = any(f"{c.__module__}.{c.__qualname__}" == _SUBMITIT_LAUNCHER
                    for c in type(getattr(delayed, "function", None)).__mro__)
-    if not (launcher and args and isinstance(args[0], (list, tuple))
-            and all(isinstance(o, str) for o in args[0])):
+    if not (launcher and args and (_is_overrides(args[0]) or (
+            isinstance(args[0], (list, tuple)) and args[0] and all(_is_overrides(job) for job in args[0])))):
         log.warning("submitit job not started by Hydra's submitit launcher: a requeued attempt will not "
                     "resume by itself (continue it with train.resume=true)")
         return None
     return delayed, environment.JobEnvironment().paths.submitted_pickle
+
+
+def _is_overrides(value: Any) -> bool:
+    """A job's overrides: a list of strings."""
+    return isinstance(value, (list, tuple)) and all(isinstance(o, str) for o in value)

@@ -96,10 +96,11 @@ def test_preempted_job_is_requeued_and_resumes_by_itself(tmp_path):
     assert len(requeued) == 1 and f"resumed from {long}" in job_logs[requeued[0]], list(job_logs)
 
     # every job's pickle now runs it with train.resume=true: the preempted one's through submitit's
-    # checkpoint, the other one's since it started (a restart by SLURM itself resumes too)
+    # checkpoint, the other one's since it started (a restart by SLURM itself resumes too). Each job is a
+    # replica group of one run (train.replicas=1: hydra_plugins/sbn_train_submitit), its call a list of one.
     from submitit.core.utils import DelayedSubmission
     pickles = sorted((sweep / ".submitit").glob("*/*_submitted.pkl"))
     assert len(pickles) == 2
     for p in pickles:
-        overrides = DelayedSubmission.load(p).args[0]
+        (overrides,) = DelayedSubmission.load(p).args[0]
         assert overrides[-1] == "train.resume=true" and overrides.count("train.resume=true") == 1, overrides
