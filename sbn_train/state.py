@@ -150,11 +150,19 @@ def trajectory_config(config: dict) -> dict[str, Any]:
     return flat
 
 
+#: trajectory keys added after runs were recorded without them, with the value that computes what those runs
+#: computed: a record without the key is the same config as one with that value (binary latents, the
+#: straight-through estimator's categorical temperature)
+ADDED_KEYS = {"model.family": "bernoulli", "model.classes": 2, "model.hidden": [], "model.activation": "tanh",
+              "model.learn_prior": True, "estimator.temperature": 1.0}
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every key whose value differs (or exists on one side only)."""
+    """``key: old -> new`` for every key whose value differs (or exists on one side only, unless it is one of
+    :data:`ADDED_KEYS` at its default)."""
     out = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        a, b = old.get(key, ADDED_KEYS.get(key, "<unset>")), new.get(key, "<unset>")
         if a != b:
             out.append(f"{key}: {a} -> {b}")
     return out

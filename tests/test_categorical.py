@@ -333,3 +333,13 @@ def test_categorical_runs_end_to_end(tmp_path, model, estimator):
     extras = tensorboard_extras(run)
     assert extras["images"] == ["images/data", "images/reconstructions", "images/samples"]
     assert extras["hparams"]["family"] == "categorical" and extras["hparams"]["classes"] == "5"
+
+
+def test_runs_recorded_before_the_family_keys_resume():
+    """A binary run's record from before ``model.family`` (and the other keys added with it) is the same
+    config as one with their defaults; a categorical config is not."""
+    from sbn_train.state import ADDED_KEYS, config_changes
+    old = {"model.latent_sizes": [200, 200], "model.n_hidden": 0, "estimator._target_": "x.StraightThrough"}
+    assert config_changes(old, {**old, **ADDED_KEYS}) == []
+    assert config_changes(old, {**old, **ADDED_KEYS, "model.family": "categorical"}) == [
+        "model.family: bernoulli -> categorical"]
