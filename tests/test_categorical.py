@@ -149,16 +149,35 @@ def test_exact_size_check_counts_classes():
 @pytest.mark.parametrize("sizes,kw", [((2, 2), {}), ((3, 2, 2), {}), ((2, 3), {"hidden": [4, 3]}),
                                       ((4,), {"learn_prior": False, "hidden": [6], "activation": "leaky_relu"}),
                                       ((3, 2), {"n_hidden": 1, "classes": 4})])
-def test_categorical_deltas_equal_reference(sizes, kw):
-    """The rank-2 pass equals the brute-force definition (float64, 1e-10), in chunks of one variable and whole."""
+@pytest.mark.parametrize("route", ["cpu", "device"])
+def test_categorical_deltas_equal_reference(sizes, kw, route):
+    """The rank-2 pass equals the brute-force definition (float64, 1e-10), in chunks of one variable and whole,
+    on the CPU route (x's log-likelihood in exp space) and the device route (softplus per entry)."""
     model, x = cat_model(sizes, **kw), random_binary(6, 5)
     s = sample_layers(model, x, torch.Generator().manual_seed(4))
     ref = categorical_deltas_reference(model, x, s.zs, s.uniforms)
     for max_elements in (1, 1 << 20):
-        fast = categorical_deltas(model, x, s.zs, s.uniforms, max_elements)
+        fast = categorical_deltas(model, x, s.zs, s.uniforms, max_elements, route)
         for a, b, z in zip(fast, ref, s.zs):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
             assert bool((a[model.family.blocks(z).bool()] == 0).all())               # 0 at the sampled class
+
+
+def test_exp_route_is_taken_and_float32_close():
+    """The CPU route's exp-space softplus sums are used on a linear model, and in float32 stay within float32
+    rounding of the float64 reference (relative 1e-4 of the differences' scale)."""
+    from sbn_train.estimators.marginal_categorical import _ExpChange, _change_table
+    model, x = cat_model((6, 4), classes=5), random_binary(8, 5)
+    with torch.no_grad():
+        assert _ExpChange(_change_table(model.p_nets[0].first.weight, 6, 5), model.p_nets[0].first(
+            model.sample_q(x, model.draw_uniforms(8))[0]), "cpu").usable
+    s = sample_layers(model, x, torch.Generator().manual_seed(4))
+    ref = categorical_deltas_reference(model, x, s.zs, s.uniforms)
+    m32 = cat_model((6, 4), classes=5).float()
+    fast = categorical_deltas(m32, x.float(), [z.float() for z in s.zs], [u.float() for u in s.uniforms], None, "cpu")
+    for a, b in zip(fast, ref):
+        scale = float(b.abs().max())
+        assert float((a.double() - b).abs().max()) <= 1e-4 * scale
 
 
 def test_one_variable_is_exact():

@@ -181,6 +181,6 @@ class Marginal(LayerwiseEstimator):
         if self.implementation == "reference":
             deltas = categorical_deltas_reference(model, x, s.zs, s.uniforms)
         else:
-            deltas = categorical_deltas(model, x, s.zs, s.uniforms, self.max_elements)
+            deltas = categorical_deltas(model, x, s.zs, s.uniforms, self.max_elements, self.route)
         return [fam.entropy(a) + (torch.softmax(fam.blocks(a), -1) * delta).sum((-2, -1))
                 for a, delta in zip(s.q_logits, deltas)]

@@ -24,8 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import functools
+
 from ..models import SBN, Categorical, softplus
 from .base import DEFAULT_MAX_ELEMENTS
+from .flip_common import _column_group_max, _exp_space_ok, _largest_group, _sum_log, on_device_route
 
 __all__ = ["categorical_deltas", "categorical_deltas_reference"]
 
@@ -60,18 +63,29 @@ def categorical_deltas_reference(model: SBN, x: Tensor, zs: list[Tensor], unifor
     return out
 
 
-def _above(model: SBN, l: int, z: Tensor, logits: Tensor, noise: list[Tensor]) -> Tensor:
+def _above(model: SBN, l: int, z: Tensor, logits: Tensor, noise: list[Tensor],
+           moved: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """sum_{m > l} [log p(z_{m-1} | z_m) + H(q(. | z_{m-1}))] + log p(z_L) for layer l (1-based, below the top)
     at the configurations ``z`` [..., W_l], given the q logits of layer l+1 that ``z`` gives; the layers above
-    are re-drawn from ``noise`` (each broadcasting against the configurations' leading dims)."""
+    are re-drawn from ``noise`` (each broadcasting against the configurations' leading dims). ``moved`` =
+    (old, new) columns ``[...]``: the configurations are ``z`` (the sample, broadcasting) with each one's
+    variable moved from column old to column new, scored without building them."""
     fam, L = model.family, model.n_layers
     total = 0
     for m in range(l + 1, L + 1):
         if m > l + 1:
             logits = model.q_nets[m - 1](z)
-        total = total + fam.entropy(logits)
-        z_next = fam.sample(noise[m - 1].expand(*logits.shape[:-1], noise[m - 1].shape[-1]), logits)
-        total = total + fam.log_prob(z, model.p_nets[m - 1](z_next))
+        log_q = torch.log_softmax(fam.blocks(logits), -1)                   # shared by entropy and sample
+        total = total - (log_q.exp() * log_q).sum((-2, -1))
+        u = noise[m - 1].expand(*logits.shape[:-1], noise[m - 1].shape[-1])
+        z_next = fam.one_hot((log_q.exp().cumsum(-1)[..., :-1] <= u.unsqueeze(-1)).sum(-1), logits.dtype)
+        log_p = torch.log_softmax(fam.blocks(model.p_nets[m - 1](z_next)), -1).flatten(-2)
+        if m == l + 1 and moved is not None:
+            old, new = moved
+            total = total + ((z * log_p).sum(-1) + torch.gather(log_p, -1, new[..., None]).squeeze(-1)
+                             - torch.gather(log_p, -1, old[..., None]).squeeze(-1))
+        else:
+            total = total + (z * log_p).sum(-1)
         z = z_next
     return total + fam.log_prob(z, model.prior_logits)
 
@@ -95,9 +109,36 @@ def _change_table(weight: Tensor, H: int, K: int) -> Tensor:
     return (wt[:, new] - wt[:, o, None]).reshape(H * K * (K - 1), -1)
 
 
+class _ExpChange:
+    """For x's log-likelihood under a linear net: with s = sigmoid(pre) and e = exp(T[row]) (T the change
+    table), softplus(pre + T[row]) - softplus(pre) = log(1 - s + s e), each factor in [e^-|T|, e^|T|], so the
+    sum over D is a multiply-add per entry and a log per group of entries whose product stays in range (the
+    binary flip pass's exp-space route, :mod:`.marginal_fast`). ``usable`` is False where the range check
+    fails, and on the device route (the check reads a value back to the host)."""
+
+    def __init__(self, table: Tensor, pre: Tensor, route: str):
+        self.usable = False
+        if on_device_route(pre, route):
+            return
+        t_abs = table.abs()
+        if not _exp_space_ok(float(t_abs.max()) if table.numel() else 0.0, table.dtype):
+            return
+        self.usable = True
+        self.group = _largest_group(table.shape[1], table.dtype,
+                                    functools.partial(_column_group_max, t_abs.T.contiguous()))
+        self.exp = table.exp()                                               # [rows, D]
+        self.sig, self.one_minus_sig = torch.sigmoid(pre)[:, None, :], torch.sigmoid(-pre)[:, None, :]
+
+    def softplus_change(self, change: Tensor) -> Tensor:
+        """sum_d softplus(pre + T[change]) - softplus(pre), ``change`` ``[B, c, K-1]`` of table rows."""
+        B, c, k = change.shape
+        e = self.exp[change.view(B, c * k)]                                   # [B, c*(K-1), D]
+        return _sum_log(torch.addcmul(self.one_minus_sig, self.sig, e, out=e), self.group).view(B, c, k)
+
+
 @torch.no_grad()
 def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
-                       max_elements: int | None = None) -> list[Tensor]:
+                       max_elements: int | None = None, route: str = "auto") -> list[Tensor]:
     """D_{l,i,k} as :func:`categorical_deltas_reference`, one ``[B, H_l, K]`` per layer, computed with rank-2
     updates of the first layers of the nets that read layer l, in chunks of variables whose largest
     temporary has at most ``max_elements`` entries.
@@ -126,12 +167,14 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
         if direct:
             x_pre = (x * pre_p).sum(-1)                                      # [B]
             x_table = x @ table_p.T                                          # [B, H*K*(K-1)]
+            exp_route = _ExpChange(table_p, pre_p, route)
+            if exp_route.usable:
+                first_base = model.log_prob_below(0, x, pre_p)               # [B]
         if q_net is not None:
             pre_q, table_q = q_net.first(z_l), _change_table(q_net.first.weight, H, K)
         else:
             prior = torch.log_softmax(fam.blocks(model.prior_logits), -1).flatten(-2)   # [W_L]
         cls = fam.blocks(z_l).argmax(-1)                                     # [B, H]
-        columns = torch.arange(z_l.shape[-1], device=x.device)
         chunk = max(1, min(H, max_elements // max(1, B * (K - 1) * widest)))
         parts = []
         for a in range(0, H, chunk):
@@ -139,22 +182,25 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
             old = cls[:, a:e]                                                # [B, c]
             rows = ((torch.arange(a, e, device=x.device) * K)[None, :] + old)        # [B, c]: i*K + o
             change = rows[..., None] * (K - 1) + (shift - 1)                 # [B, c, K-1]: rows of the tables
-            alt_p = pre_p[:, None, None, :] + table_p[change]                # [B, c, K-1, h_p]
             if direct:
-                upper = (x_pre[:, None, None] + torch.gather(x_table, 1, change.flatten(1)).view(change.shape)
-                         - softplus(alt_p).sum(-1))
+                x_change = torch.gather(x_table, 1, change.flatten(1)).view(change.shape)   # x . T[row]
+                if exp_route.usable:
+                    upper = first_base[:, None, None] + x_change - exp_route.softplus_change(change)
+                else:
+                    alt_p = pre_p[:, None, None, :] + table_p[change]        # [B, c, K-1, h_p]
+                    upper = x_pre[:, None, None] + x_change - softplus(alt_p).sum(-1)
             else:
+                alt_p = pre_p[:, None, None, :] + table_p[change]
                 upper = model.log_prob_below(l - 1, below[:, None, None, :], p_net.tail(alt_p))
             new_col = rows[..., None] - old[..., None] + (old[..., None] + shift) % K   # [B, c, K-1]: i*K + new
             if q_net is None:                                                # the top layer: its prior
                 upper = upper + (model.family.log_prob(z_l, model.prior_logits)[:, None, None]
                                  + prior[new_col] - prior[rows][..., None])
             else:
-                # z_l with variable i moved to its new class (comparisons, not scatters: vmap-able)
-                z_alt = (z_l[:, None, None, :] - (columns == rows[..., None, None]).to(z_l.dtype)
-                         + (columns == new_col[..., None]).to(z_l.dtype))    # [B, c, K-1, W_l]
+                # the alternatives are z_l with variable i moved from column rows to column new_col
                 logits = q_net.tail(pre_q[:, None, None, :] + table_q[change])
-                upper = upper + _above(model, l, z_alt, logits, [n[:, None, None, :] for n in noise])
+                upper = upper + _above(model, l, z_l[:, None, None, :], logits, [n[:, None, None, :] for n in noise],
+                                       moved=(rows[..., None].expand_as(new_col), new_col))
             # by class: class k is shift (k - old) mod K, and shift 0 (the sampled class) has difference 0
             padded = torch.cat([torch.zeros_like(upper[..., :1]), upper - base[:, None, None]], -1)   # [B, c, K]
             parts.append(torch.gather(padded, -1, (torch.arange(K, device=x.device) - old[..., None]) % K))
