@@ -47,7 +47,7 @@ class TrainConfig:
     overwrite: bool = False      # discard an existing run in this folder and start again
     progress: bool = True        # progress bar on stderr
     checkpoint_minutes: float = 10.0   # also checkpoint by wall time (0: only every eval_every steps)
-    divergence_nats: float = 1.0       # stop when train/elbo falls this many nats per data dimension below
+    divergence_nats: float = 1.0       # stop when bounds/train/elbo falls this many nats per data dimension below
                                        # where it started: the lower of the initial validation
                                        # ELBO and -D log 2 (0: only NaN/inf stop a run)
     cuda_graph: Optional[bool] = None  # capture the training step as a CUDA graph (None: on for CUDA)
@@ -60,7 +60,7 @@ class EvalConfig:
     """Periodic evaluation (every ``train.eval_every`` steps) on the training and validation splits."""
     batch_size: int = 500        # data rows per chunk
     limit: Optional[int] = None  # evaluate on the first `limit` validation rows (None: all)
-    train_split: bool = True     # also evaluate the training split (train/elbo_eval, train/iwae{K})
+    train_split: bool = True     # also evaluate the training split (bounds/train/elbo_eval, bounds/train/iwae{K})
     train_limit: Optional[int] = 10000   # ... on its first `train_limit` rows (None: all)
     iwae_k: int = 50             # samples of the importance-weighted bound (0: skip)
     seed: int = 1234             # fixed binarization / sampling seed for evaluation

@@ -126,7 +126,8 @@ def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size:
     - ``exact``: on that minibatch and those draws, against the exact gradient by enumeration (only for models
       with at most ``exact_max_latents`` latent units); ``grad_bias/...`` (squared bias) and ``grad_mse/...``.
 
-    Each positive value also comes as its log10 (``grad_var_log10/...``, ``grad_bias_log10/...``: the charts).
+    Each positive value also comes as its log10 (``grad_var_log10/...``, ``grad_bias_log10/...``): TensorBoard
+    gets the log10 values only, ``results.json`` both (:mod:`sbn_train.metrics`).
 
     The estimator runs in eval mode (its state and parameters are frozen) with generators seeded from ``seed``.
     """

@@ -18,6 +18,7 @@ from . import faults, tb
 from .config import EvalConfig, VarianceConfig
 from .data import Splits, eval_batches
 from .evaluation import measure_variance, split_bounds, summarize
+from .metrics import bounds_prefix, in_tensorboard
 from .models import SBN
 from .progress import Progress, phase
 from .state import RunError, TrainState
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+TRAIN_ELBO = f"{bounds_prefix('train')}/elbo"     # the running ELBO of the training batches
 
 
 class StepClock:
@@ -60,9 +62,10 @@ class Context:
         return self.state.metrics
 
     def write(self, values: dict[str, float], step: int) -> None:
-        """TensorBoard scalars only."""
+        """TensorBoard scalars only; ``results.json``-only metrics (the probe's linear values) are skipped."""
         for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
+            if in_tensorboard(k):
+                self.writer.add_scalar(k, v, step)
 
     def measured(self) -> None:
         """After a measurement: the step clock and the progress bar's rate and ETA leave its time out."""
@@ -89,7 +92,7 @@ class Job:
 
 
 class LogTraining(Job):
-    """``train/elbo`` (running mean since the last log), ``perf/*`` and the estimator's own metrics.
+    """``bounds/train/elbo`` (running mean since the last log), ``perf/*`` and the estimator's own metrics.
 
     It also watches for divergence: a non-finite ELBO, or (``divergence_nats`` > 0) a running ELBO more than
     ``divergence_nats`` nats per data dimension below the lower of the model's ELBO before training
@@ -108,7 +111,7 @@ class LogTraining(Job):
         start = ctx.state.first_elbo
         anchor = self.coin_flip if start is None else min(start, self.coin_flip)
         if self.floor_gap and train_elbo < anchor - self.floor_gap:
-            raise RunError(f"training diverged at step {step}: train/elbo {train_elbo:.1f} is below "
+            raise RunError(f"training diverged at step {step}: {TRAIN_ELBO} {train_elbo:.1f} is below "
                            f"{anchor - self.floor_gap:.1f}, {self.floor_gap:g} nats under where it started "
                            f"(train.divergence_nats per data dimension); lower optim.lr (now {self.lr})")
 
@@ -117,9 +120,9 @@ class LogTraining(Job):
         self.check(ctx, train_elbo, step)
         dt = ctx.clock.seconds_per_step()
         est_metrics = {f"estimator/{k}": float(v) for k, v in ctx.step_fn.last_metrics.items()}
-        ctx.write({"train/elbo": train_elbo, "perf/step_time_ms": 1000 * dt, "perf/steps_per_s": 1 / dt,
+        ctx.write({TRAIN_ELBO: train_elbo, "perf/step_time_ms": 1000 * dt, "perf/steps_per_s": 1 / dt,
                    **est_metrics}, step)
-        ctx.metrics["train/elbo"] = train_elbo
+        ctx.metrics[TRAIN_ELBO] = train_elbo
         ctx.bar.set_postfix(elbo=f"{train_elbo:.2f}", refresh=False)
         ctx.clock.restart()
 
@@ -163,13 +166,13 @@ def initial_elbo(model: SBN, valid: torch.Tensor, seed: int, rows: int = 100) ->
     return float(elbo.mean())
 
 
-def evaluate(model: SBN, data: torch.Tensor, cfg: EvalConfig, prefix: str, show: bool = False) -> dict[str, float]:
+def evaluate(model: SBN, data: torch.Tensor, cfg: EvalConfig, split: str, show: bool = False) -> dict[str, float]:
     """Single-sample ELBO and (if ``cfg.iwae_k``) the K-sample bound, averaged over the first ``cfg.limit``
-    rows of ``data``: ``{prefix}/elbo`` and ``{prefix}/iwae{K}``. A line at its start and end, and a
-    progress bar of the rows if ``show``."""
+    rows of ``data``: ``bounds/{split}/elbo`` and ``bounds/{split}/iwae{K}``. A line at its start and end,
+    and a progress bar of the rows if ``show``."""
     elbo, iwae = split_bounds(model, data, cfg.batch_size, cfg.limit, cfg.seed, 1, cfg.iwae_k, cfg.max_rows,
-                              progress=Progress(f"evaluating {prefix}", enabled=show))
-    return summarize(prefix, elbo, iwae, cfg.iwae_k)
+                              progress=Progress(f"evaluating {split}", enabled=show))
+    return summarize(bounds_prefix(split), elbo, iwae, cfg.iwae_k)
 
 
 class EvaluateAndCheckpoint(Job):
@@ -185,7 +188,7 @@ class EvaluateAndCheckpoint(Job):
         if self.cfg.train_split:
             ev = evaluate(model, self.splits.train, replace(self.cfg, limit=self.cfg.train_limit), "train",
                           self.show)
-            out["train/elbo_eval"] = ev.pop("train/elbo")   # train/elbo is the running training-batch ELBO
+            out[f"{TRAIN_ELBO}_eval"] = ev.pop(TRAIN_ELBO)   # TRAIN_ELBO is the running training-batch ELBO
             out.update(ev)
         return out
 
@@ -194,7 +197,8 @@ class EvaluateAndCheckpoint(Job):
         ev = self.bounds(state.model)
         faults.point("eval", step)
         ctx.log(ev, step)
-        score = ev.get(f"valid/iwae{self.cfg.iwae_k}", ev["valid/elbo"])
+        valid = bounds_prefix("valid")
+        score = ev.get(f"{valid}/iwae{self.cfg.iwae_k}", ev[f"{valid}/elbo"])
         if score > state.best:
             state.best, state.best_step = score, step
             state.save_best(ctx.out_dir / BEST, ev)

@@ -2,6 +2,12 @@
 loop, the TensorBoard layout (:mod:`sbn_train.tb`) and ``scripts/report.py``. Tags are an API: stable and
 namespaced. Adding a metric is one entry here plus the code that computes it.
 
+The names are chosen for TensorBoard's Time Series tab, the first screen of a run: it groups cards by the
+tag's first path segment (``bounds/valid/elbo`` -> group ``bounds``) and orders the groups by name. So the
+bounds tracked during training are ``bounds/{split}/...`` (the group that comes first), and each probe
+value goes to TensorBoard as its log10 only (``grad_var_log10/...``: variances span orders of magnitude, a
+linear axis shows a sliver); its linear value is in ``results.json``.
+
 A pattern may hold ``{K}`` (the sample count of an importance-weighted bound), ``{l}`` (an inference layer,
 1 = nearest the data) or ``{name}`` (anything, e.g. an estimator's own statistic).
 
@@ -15,15 +21,21 @@ Sources (where a value is computed):
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Iterable
 
 COMPARED = "sbn-train: estimators compared"
 PER_LAYER = "sbn-train: per layer"
-LINEAR = "sbn-train: gradient variance, linear scale"
 LOG10 = "_log10"            # grad_var/inference -> grad_var_log10/inference: log10 of a probe value
+BOUNDS = "bounds"           # bounds/train/elbo, bounds/valid/iwae50: the first group of the Time Series tab
+
+
+def bounds_prefix(split: str) -> str:
+    """The tag prefix of a split's bounds during training: ``valid`` -> ``bounds/valid``."""
+    return f"{BOUNDS}/{split}"
 
 
 @dataclass(frozen=True)
@@ -54,19 +66,20 @@ class Metric:
 
 _VAR = "the unbiased variance over M estimates of every gradient element, averaged over elements"
 _LOG = "log10 of "
+_PROBE = "results.json only; TensorBoard gets its log10"
 METRICS: tuple[Metric, ...] = (
     # the charts of the custom-scalars layout appear in this order; variance and bias are charted as log10
-    # (they differ by orders of magnitude between estimators), the linear values in a category of their own
-    Metric("grad_var_log10/inference", "variance", _LOG + "grad_var/inference", requires="minibatch",
+    # (they differ by orders of magnitude between estimators)
+    Metric("grad_var_log10/inference", "variance", _LOG + "grad_var/inference", hparam=True, requires="minibatch",
            chart=(COMPARED, "log10 gradient variance, inference net (paper's protocol: fresh minibatches)")),
-    Metric("grad_var_latent_log10/inference", "variance", _LOG + "grad_var_latent/inference", requires="latent",
+    Metric("grad_var_log10_latent/inference", "variance", _LOG + "grad_var_latent/inference", requires="latent",
            chart=(COMPARED, "log10 gradient variance, inference net (one fixed minibatch: latent noise only)")),
-    Metric("valid/elbo", "eval", "ELBO on (the first eval.limit rows of) the validation split, fixed-seed "
-           "binarization and sampling", hparam=True, chart=(COMPARED, "validation ELBO")),
-    Metric("valid/iwae{K}", "eval", "K-sample importance-weighted bound on the same rows; the best value "
-           "picks best.pt (valid/elbo if eval.iwae_k=0)", hparam=True, requires="iwae",
+    Metric("bounds/valid/elbo", "eval", "ELBO on (the first eval.limit rows of) the validation split, "
+           "fixed-seed binarization and sampling", hparam=True, chart=(COMPARED, "validation ELBO")),
+    Metric("bounds/valid/iwae{K}", "eval", "K-sample importance-weighted bound on the same rows; the best value "
+           "picks best.pt (bounds/valid/elbo if eval.iwae_k=0)", hparam=True, requires="iwae",
            chart=(COMPARED, "validation importance-weighted bound")),
-    Metric("train/elbo", "log", "mean single-sample ELBO of the training batches since the last log",
+    Metric("bounds/train/elbo", "log", "mean single-sample ELBO of the training batches since the last log",
            hparam=True, chart=(COMPARED, "training ELBO (running)")),
     Metric("grad_var_log10/generative", "variance", _LOG + "grad_var/generative", requires="minibatch",
            chart=(COMPARED, "log10 gradient variance, generative net (paper's protocol)")),
@@ -76,38 +89,15 @@ METRICS: tuple[Metric, ...] = (
            chart=(COMPARED, "steps per second")),
     Metric("grad_var_log10/layer{l}", "variance", _LOG + "grad_var/layer{l}", requires="minibatch",
            chart=(PER_LAYER, "log10 gradient variance, inference layer {l} (paper's protocol)")),
-    Metric("grad_var_latent_log10/layer{l}", "variance", _LOG + "grad_var_latent/layer{l}", requires="latent",
+    Metric("grad_var_log10_latent/layer{l}", "variance", _LOG + "grad_var_latent/layer{l}", requires="latent",
            chart=(PER_LAYER, "log10 gradient variance, inference layer {l} (latent noise only)")),
-    Metric("grad_var/inference", "variance", f"paper's protocol (M fresh training minibatches): {_VAR}, "
-           "inference net", hparam=True, requires="minibatch",
-           chart=(LINEAR, "gradient variance, inference net (paper's protocol)")),
-    Metric("grad_var_latent/inference", "variance", f"one fixed minibatch, M draws of the estimator's noise: "
-           f"{_VAR}, inference net", requires="latent",
-           chart=(LINEAR, "gradient variance, inference net (latent noise only)")),
-    Metric("grad_var/generative", "variance", "as grad_var/inference, generative net", requires="minibatch",
-           chart=(LINEAR, "gradient variance, generative net")),
     # no chart of their own
-    Metric("grad_var/layer{l}", "variance", "as grad_var/inference, over inference layer l's parameters",
-           requires="minibatch"),
-    Metric("grad_var_latent/layer{l}", "variance", "as grad_var_latent/inference, inference layer l",
-           requires="latent"),
-    Metric("grad_var_latent/generative", "variance", "as grad_var_latent/inference, generative net",
-           requires="latent"),
-    Metric("grad_bias/inference", "variance", "squared bias against the exact gradient, mean over "
-           "inference-net elements (models with at most variance.exact_max_latents latent units)",
-           requires="exact"),
-    Metric("grad_bias/layer{l}", "variance", "as grad_bias/inference, inference layer l", requires="exact"),
-    Metric("grad_bias/generative", "variance", "as grad_bias/inference, generative net", requires="exact"),
-    Metric("grad_mse/inference", "variance", "mean squared error against the exact gradient, inference net",
-           requires="exact"),
-    Metric("grad_mse/layer{l}", "variance", "as grad_mse/inference, inference layer l", requires="exact"),
-    Metric("grad_mse/generative", "variance", "as grad_mse/inference, generative net", requires="exact"),
     Metric("grad_var_log10/{name}", "variance", _LOG + "grad_var/{name}", requires="minibatch"),
-    Metric("grad_var_latent_log10/{name}", "variance", _LOG + "grad_var_latent/{name}", requires="latent"),
+    Metric("grad_var_log10_latent/{name}", "variance", _LOG + "grad_var_latent/{name}", requires="latent"),
     Metric("grad_bias_log10/{name}", "variance", _LOG + "grad_bias/{name}", requires="exact"),
     Metric("grad_mse_log10/{name}", "variance", _LOG + "grad_mse/{name}", requires="exact"),
-    Metric("train/elbo_eval", "eval", "ELBO on the first eval.train_limit training rows", hparam=True),
-    Metric("train/iwae{K}", "eval", "K-sample bound on the same rows", hparam=True, requires="iwae"),
+    Metric("bounds/train/elbo_eval", "eval", "ELBO on the first eval.train_limit training rows", hparam=True),
+    Metric("bounds/train/iwae{K}", "eval", "K-sample bound on the same rows", hparam=True, requires="iwae"),
     Metric("test/elbo", "test", "the best model on the test split: ELBO averaged over test.elbo_samples samples",
            hparam=True),
     Metric("test/iwae{K}", "test", "the best model's bound with K = test.iwae_k on the test split", hparam=True),
@@ -115,21 +105,83 @@ METRICS: tuple[Metric, ...] = (
     Metric("test/iwae{K}_se", "test", "standard error of test/iwae{K} over test examples", scalar=False),
     Metric("perf/step_time_ms", "log", "milliseconds per training step since the last log"),
     Metric("estimator/{name}", "estimator", "what the estimator reports (e.g. baseline statistics)"),
+    # the probe's linear values: results.json only (TensorBoard gets their log10, above)
+    Metric("grad_var/inference", "variance", f"paper's protocol (M fresh training minibatches): {_VAR}, "
+           f"inference net; {_PROBE}", requires="minibatch", scalar=False),
+    Metric("grad_var_latent/inference", "variance", f"one fixed minibatch, M draws of the estimator's noise: "
+           f"{_VAR}, inference net; {_PROBE}", requires="latent", scalar=False),
+    Metric("grad_var/generative", "variance", "as grad_var/inference, generative net", requires="minibatch",
+           scalar=False),
+    Metric("grad_var/layer{l}", "variance", "as grad_var/inference, over inference layer l's parameters",
+           requires="minibatch", scalar=False),
+    Metric("grad_var_latent/layer{l}", "variance", "as grad_var_latent/inference, inference layer l",
+           requires="latent", scalar=False),
+    Metric("grad_var_latent/generative", "variance", "as grad_var_latent/inference, generative net",
+           requires="latent", scalar=False),
+    Metric("grad_bias/inference", "variance", "squared bias against the exact gradient, mean over "
+           "inference-net elements (models with at most variance.exact_max_latents latent units); "
+           + _PROBE, requires="exact", scalar=False),
+    Metric("grad_bias/layer{l}", "variance", "as grad_bias/inference, inference layer l", requires="exact",
+           scalar=False),
+    Metric("grad_bias/generative", "variance", "as grad_bias/inference, generative net", requires="exact",
+           scalar=False),
+    Metric("grad_mse/inference", "variance", "mean squared error against the exact gradient, inference net; "
+           + _PROBE, requires="exact", scalar=False),
+    Metric("grad_mse/layer{l}", "variance", "as grad_mse/inference, inference layer l", requires="exact",
+           scalar=False),
+    Metric("grad_mse/generative", "variance", "as grad_mse/inference, generative net", requires="exact",
+           scalar=False),
     Metric("best/valid", "results", "the best validation bound (the model kept as best.pt)", scalar=False),
     Metric("best/step", "results", "the step of best.pt", scalar=False),
 )
 
-#: tags that scripts/report.py reads
-VARIANCE_TAG, LATENT_VARIANCE_TAG, VALID_TAG = "grad_var/inference", "grad_var_latent/inference", "valid/elbo"
+#: TensorBoard tags that scripts/report.py reads (the variances as log10: see :func:`current_scalars`)
+VARIANCE_TAG, LATENT_VARIANCE_TAG = "grad_var_log10/inference", "grad_var_log10_latent/inference"
+VALID_TAG, VALID_BOUND_PREFIX = f"{BOUNDS}/valid/elbo", f"{BOUNDS}/valid/iwae"
+
+#: the split prefixes of the bounds' tags before they moved under ``bounds/``, and the latent view's log10
+#: family before ``_log10`` followed the quantity (runs written before then)
+_OLD_BOUNDS, _OLD_LATENT_LOG10 = ("train/", "valid/"), "grad_var_latent_log10/"
 
 
+@lru_cache(maxsize=4096)
 def lookup(tag: str) -> Metric | None:
     """The registry entry of ``tag`` (the first whose pattern matches), or None."""
     return next((m for m in METRICS if m.matches(tag)), None)
 
 
+def in_tensorboard(tag: str) -> bool:
+    """Whether ``tag`` is written to TensorBoard (not a ``results.json``-only metric)."""
+    m = lookup(tag)
+    return m is None or m.scalar
+
+
+def current_tag(tag: str) -> str:
+    """Today's name of a tag an older run wrote: ``valid/elbo`` -> ``bounds/valid/elbo``,
+    ``grad_var_latent_log10/x`` -> ``grad_var_log10_latent/x``; others unchanged."""
+    if tag.startswith(_OLD_BOUNDS):
+        return f"{BOUNDS}/{tag}"
+    return tag.replace(_OLD_LATENT_LOG10, "grad_var_log10_latent/", 1) if tag.startswith(_OLD_LATENT_LOG10) else tag
+
+
+def current_scalars(scalars: dict[str, list]) -> dict[str, list]:
+    """The scalars ``{tag: [(step, value)]}`` of a run of any version under today's tags: older bound tags
+    renamed (merged by step with today's, for a run resumed across the change), and the log10 series of a
+    probe value logged only linearly (runs from before the log10 tags)."""
+    out: dict[str, dict] = {}
+    for tag, values in scalars.items():
+        out.setdefault(current_tag(tag), {}).update(dict(values))
+    for tag in list(out):
+        m = lookup(tag)
+        if m is not None and m.source == "variance" and not m.scalar:       # a linear probe value
+            logs = {s: math.log10(v) for s, v in out[tag].items() if math.isfinite(v) and v > 0}
+            out[log10_tag(tag)] = {**logs, **out.get(log10_tag(tag), {})}
+    return {tag: sorted(values.items()) for tag, values in out.items()}
+
+
 #: HParams metric columns shown first (TensorBoard shows five at first), then the others in registry order
-HPARAM_FIRST = ("test/iwae{K}", "test/elbo", "valid/iwae{K}", "valid/elbo", "grad_var/inference")
+HPARAM_FIRST = ("test/iwae{K}", "test/elbo", "bounds/valid/iwae{K}", "bounds/valid/elbo",
+                "grad_var_log10/inference")
 
 
 def hparam_tags(tags: Iterable[str]) -> list[str]:
@@ -146,9 +198,12 @@ def hparam_tags(tags: Iterable[str]) -> list[str]:
 
 
 def log10_tag(tag: str) -> str:
-    """The tag of a probe value's log10: ``grad_var/layer1`` -> ``grad_var_log10/layer1``."""
+    """The tag of a probe value's log10, ``_log10`` after the quantity: ``grad_var/layer1`` ->
+    ``grad_var_log10/layer1``, ``grad_var_latent/layer1`` -> ``grad_var_log10_latent/layer1`` (so the paper's
+    protocol, ``grad_var_log10``, is the group TensorBoard's Time Series tab shows, and opens, first)."""
     family, _, rest = tag.partition("/")
-    return f"{family}{LOG10}/{rest}"
+    grad, quantity, *view = family.split("_")
+    return f"{'_'.join([grad, quantity + LOG10, *view])}/{rest}"
 
 
 ALL_VIEWS = ("minibatch", "latent", "exact")

@@ -25,6 +25,7 @@ from .config import OptimConfig
 from .data.cache import create_temp_beside
 from .data import TrainSampler
 from .estimators import Estimator
+from .metrics import current_tag
 from .models import SBN
 
 CHECKPOINT_FORMAT = 1
@@ -258,7 +259,7 @@ class TrainState:
         if "elbo_sum" in state:
             self.elbo_sum = state["elbo_sum"].to(self.device)
             self.elbo_n = int(state["elbo_n"])
-        self.metrics = dict(state.get("metrics", {}))
+        self.metrics = {current_tag(k): v for k, v in state.get("metrics", {}).items()}   # an older run's tags
         self.jobs_pending = bool(state.get("jobs_pending", False))
         self.first_elbo = state.get("first_elbo")
 

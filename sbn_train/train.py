@@ -445,8 +445,7 @@ class RunSession:
         with stop.shielded():
             _write_results(self.out_dir, {"step": state.step, "status": "finished", "metrics": metrics,
                                           "hparams": self.spec.hparams or {}, "config": state.config})
-            ctx.write({k: v for k, v in metrics.items() if k.startswith("test/") and registry.lookup(k).scalar},
-                      state.step)
+            ctx.write({k: v for k, v in metrics.items() if k.startswith("test/")}, state.step)
             if self.spec.hparams:
                 tb.log_hparams(self.writer, self.spec.hparams, registry.hparam_tags(metrics))
         return RunResult(step=state.step, metrics=metrics, out_dir=str(self.out_dir))

@@ -6,7 +6,7 @@
 Reads every run folder below SWEEP (a folder holding results.json, failed.json, checkpoint.pt or
 ``.hydra/config.yaml``): its TensorBoard events (EventAccumulator), ``results.json``, and the run's own config
 record (the config in its results.json or checkpoint, else the ``.hydra`` record the run wrote). For each dataset x model x estimator it picks the learning rate
-whose runs reach the best validation ELBO (the highest ``valid/elbo`` seen during training, averaged over
+whose runs reach the best validation ELBO (the highest ``bounds/valid/elbo`` seen during training, averaged over
 seeds), and writes to DIR (default: SWEEP/report):
 
     table.md, table.csv, table.tex   test ELBO ("VB") and test importance-weighted bound ("MCB") of the best
@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sbn_train.metrics import LATENT_VARIANCE_TAG, VALID_TAG, VARIANCE_TAG  # noqa: E402  (the tag registry)
+from sbn_train.metrics import (LATENT_VARIANCE_TAG, VALID_BOUND_PREFIX, VALID_TAG,  # noqa: E402  (the tag registry)
+                                VARIANCE_TAG, current_scalars)
 
 #: the paper's names for the estimator configs, in the paper's column order
 LABELS = {"reinforce": "LR", "reinforce_ma": "LR+C", "nvil": "LR+C+IDB", "muprop": "MuProp+C+IDB",
@@ -54,7 +55,7 @@ class Run:
     step: int = 0
     error: str = ""
     metrics: dict = field(default_factory=dict)
-    scalars: dict = field(default_factory=dict)    # tag -> [(step, value)]
+    scalars: dict = field(default_factory=dict)    # tag -> [(step, value)], today's tags (current_scalars)
 
     @property
     def best_valid_elbo(self) -> float:
@@ -63,13 +64,14 @@ class Run:
 
     @property
     def valid_k(self) -> int:
-        """K of the validation bound the run logged (valid/iwae{K}), 0 if none."""
-        ks = [int(t[len("valid/iwae"):]) for t in self.scalars if t.startswith("valid/iwae") and t[10:].isdigit()]
+        """K of the validation bound the run logged (bounds/valid/iwae{K}), 0 if none."""
+        n = len(VALID_BOUND_PREFIX)
+        ks = [int(t[n:]) for t in self.scalars if t.startswith(VALID_BOUND_PREFIX) and t[n:].isdigit()]
         return max(ks, default=0)
 
     @property
     def best_valid_bound(self) -> float:
-        values = [v for _, v in self.scalars.get(f"valid/iwae{self.valid_k}", []) if math.isfinite(v)]
+        values = [v for _, v in self.scalars.get(f"{VALID_BOUND_PREFIX}{self.valid_k}", []) if math.isfinite(v)]
         return max(values) if values else -math.inf
 
     @property
@@ -78,10 +80,11 @@ class Run:
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's TensorBoard scalars under today's tags (older runs' tags renamed: ``current_scalars``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1, "tensors": 1, "histograms": 1})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return current_scalars({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
 
 
 def read_run(folder: Path) -> Run:
@@ -370,9 +373,10 @@ def write_runs(runs: list[Run], path: Path) -> None:
                         r.best_valid_elbo, r.metrics.get("test/elbo", ""), r.error])
 
 
-def mean_curve(runs: list[Run], tag: str) -> tuple[list[int], list[float]]:
-    """Mean over runs at the steps every run logged ``tag``."""
-    per = [dict(r.scalars.get(tag, [])) for r in runs]
+def mean_curve(runs: list[Run], tag: str, log10: bool = False) -> tuple[list[int], list[float]]:
+    """Mean over runs at the steps every run logged ``tag``; ``log10``: the tag holds log10 values, the mean
+    is of the values themselves (10 ** each)."""
+    per = [{s: 10 ** v if log10 else v for s, v in r.scalars.get(tag, [])} for r in runs]
     steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
     return steps, [sum(p[s] for p in per) / len(per) for s in steps]
 
@@ -388,9 +392,9 @@ def write_figure(rows: list[Row], path: Path) -> None:
     for (dataset, model, ests, by_est), (ax_var, ax_elbo) in zip(blocks, axes):
         for i, e in enumerate(ests):
             row, color, label = by_est[e], colors[i % len(colors)], LABELS.get(e, e)
-            steps, var = mean_curve(row.runs, VARIANCE_TAG)
+            steps, var = mean_curve(row.runs, VARIANCE_TAG, log10=True)
             ax_var.plot(steps, var, "-o", ms=3, color=color, label=f"{label} (lr {row.lr:g})")
-            steps, var = mean_curve(row.runs, LATENT_VARIANCE_TAG)
+            steps, var = mean_curve(row.runs, LATENT_VARIANCE_TAG, log10=True)
             if steps:
                 ax_var.plot(steps, var, "--", color=color, alpha=0.6)
             steps, elbo = mean_curve(row.runs, VALID_TAG)

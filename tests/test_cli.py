@@ -1,5 +1,6 @@
 """End-to-end: the real CLI in a subprocess, its TensorBoard events read back, bad input rejected."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,6 +34,76 @@ def scalars(folder: Path) -> dict[str, list]:
     acc = EventAccumulator(str(folder))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _number_end(tag: str, i: int) -> int:
+    """Where the number that starts before ``i`` ends (digits, a decimal point, an exponent)."""
+    state = "natural"
+    while i < len(tag):
+        c = tag[i]
+        if state in ("natural", "real"):
+            if c == "." and state == "natural":
+                state = "real"
+            elif c in "eE":
+                state = "sign"
+            elif not c.isascii() or not c.isdigit():
+                break
+        elif state == "sign":
+            if not (c.isascii() and c.isdigit()) and c not in "+-":
+                break
+            state = "exponent"
+        elif not (c.isascii() and c.isdigit()):
+            break
+        i += 1
+    return i
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def compare_tags(a: str, b: str) -> int:
+    """TensorBoard's order of tag names (``compareTagNames`` of its frontend, 2.21): numbers by value,
+    '/' and digits before any other character, other characters by code."""
+    def sep(c):
+        return c == "/" or (c.isascii() and c.isdigit())
+    i = j = 0
+    while True:
+        if i == len(a):
+            return 0 if j == len(b) else -1
+        if j == len(b):
+            return 1
+        if a[i].isascii() and a[i].isdigit() and b[j].isascii() and b[j].isdigit():
+            i0, j0 = i, j
+            i, j = _number_end(a, i + 1), _number_end(b, j + 1)
+            x, y = _number(a[i0:i]), _number(b[j0:j])
+            if x < y:
+                return -1
+            if x > y:
+                return 1
+        else:
+            if sep(a[i]):
+                if not sep(b[j]):
+                    return -1
+            elif sep(b[j]):
+                return 1
+            elif a[i] != b[j]:
+                return -1 if a[i] < b[j] else 1
+            i, j = i + 1, j + 1
+
+
+def time_series_groups(tags) -> list[tuple[str, list[str]]]:
+    """The card groups of TensorBoard's Time Series tab, top to bottom, as its frontend (2.21) makes them:
+    the tags in :func:`compare_tags` order, grouped by the part before the first '/' in order of first
+    appearance (``groupCardIdWithMetdata``)."""
+    from functools import cmp_to_key
+    groups: dict[str, list[str]] = {}
+    for tag in sorted(tags, key=cmp_to_key(compare_tags)):
+        groups.setdefault(tag.split("/", 1)[0], []).append(tag)
+    return list(groups.items())
 
 
 def tensorboard_extras(folder: Path) -> dict:
@@ -125,27 +196,37 @@ def test_multirun_three_estimators(tmp_path):
     assert len(runs) == 3 and all(n.startswith("estimator=") for n in names), names
     for run in runs:
         s = scalars(run)
-        for tag in ("train/elbo", "valid/elbo", "valid/iwae5", "train/elbo_eval", "train/iwae5",
-                    "grad_var/inference", "grad_var/layer1", "grad_var/layer2", "grad_var/generative",
-                    "grad_var_latent/inference", "grad_var_latent/layer1", "grad_var_latent/layer2",
-                    "grad_var_latent/generative", "test/elbo", "test/iwae100", "perf/step_time_ms"):
+        probe = [f"{family}/{group}" for family in ("grad_var_log10", "grad_var_log10_latent")
+                 for group in ("inference", "layer1", "layer2", "generative")]
+        for tag in ("bounds/train/elbo", "bounds/valid/elbo", "bounds/valid/iwae5", "bounds/train/elbo_eval",
+                    "bounds/train/iwae5", *probe, "test/elbo", "test/iwae100", "perf/step_time_ms"):
             assert tag in s, (run.name, tag, sorted(s))
             assert all(v == v and abs(v) < 1e30 for _, v in s[tag]), (run.name, tag)
         assert not any(t.startswith("grad_bias") for t in s)      # 16 latent units: above exact_max_latents
-        assert [st for st, _ in s["valid/elbo"]] == [20, 40]
-        assert [st for st, _ in s["train/elbo"]] == [10, 20, 30, 40]
+        assert [st for st, _ in s["bounds/valid/elbo"]] == [20, 40]
+        assert [st for st, _ in s["bounds/train/elbo"]] == [10, 20, 30, 40]
         assert [st for st, _ in s["test/elbo"]] == [40]
         results = json.loads((run / "results.json").read_text())
         m = results["metrics"]
         assert results["step"] == 40 and results["status"] == "finished"
-        assert m["valid/iwae5"] >= m["valid/elbo"] - 5 and m["test/iwae100"] >= m["test/elbo"] - 5
+        assert m["bounds/valid/iwae5"] >= m["bounds/valid/elbo"] - 5 and m["test/iwae100"] >= m["test/elbo"] - 5
         assert m["test/elbo_se"] > 0 and m["best/step"] in (20, 40)
+        # the probe's values: log10 in TensorBoard, linear (and log10) in results.json
+        assert m["grad_var_log10/inference"] == pytest.approx(math.log10(m["grad_var/inference"]), rel=1e-9)
+        assert not any(t.startswith("grad_") and "_log10" not in t.split("/")[0] for t in s), sorted(s)
         extras = tensorboard_extras(run)
         assert extras["images"] == ["images/data", "images/reconstructions", "images/samples"]
         assert extras["hparams"]["estimator"] == run.name.split("=", 1)[1]
         assert extras["hparams"]["seed"] == "0" and extras["hparams"]["lr"] == pytest.approx(3e-4)
-        assert {"test/elbo", "test/iwae100", "valid/elbo"} <= set(extras["metrics"])
-        assert "^grad_var/inference$" in extras["layout"] and "^valid/elbo$" in extras["layout"]
+        assert {"test/elbo", "test/iwae100", "bounds/valid/elbo",
+                "grad_var_log10/inference"} <= set(extras["metrics"])
+        assert set(extras["metrics"]) <= set(s)                  # every HParams metric is a scalar of the run
+        assert "^grad_var_log10/inference$" in extras["layout"] and "^bounds/valid/elbo$" in extras["layout"]
+        # the Time Series tab, top to bottom: the bounds during training first, the final test further down
+        groups = time_series_groups([*s, *extras["images"]])
+        assert groups[0] == ("bounds", ["bounds/train/elbo", "bounds/train/elbo_eval", "bounds/train/iwae5",
+                                        "bounds/valid/elbo", "bounds/valid/iwae5"]), groups
+        assert groups[1][0] == "grad_var_log10" and groups[-1][0] == "test", groups    # TensorBoard opens two
 
 
 @pytest.mark.parametrize("args,message", [
@@ -210,4 +291,4 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     a = json.loads((full / "results.json").read_text())["metrics"]
     b = json.loads((killed / "results.json").read_text())["metrics"]
     assert a == b
-    assert scalars(full)["valid/elbo"] == scalars(killed)["valid/elbo"]
+    assert scalars(full)["bounds/valid/elbo"] == scalars(killed)["bounds/valid/elbo"]

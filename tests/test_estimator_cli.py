@@ -52,7 +52,7 @@ def scalar_tags(folder: Path) -> set[str]:
 def assert_trained(folder: Path, what) -> None:
     results = json.loads((folder / "results.json").read_text())
     assert results["step"] == 20, what
-    for key in ("train/elbo", "valid/elbo", "valid/iwae5"):
+    for key in ("bounds/train/elbo", "bounds/valid/elbo", "bounds/valid/iwae5"):
         assert math.isfinite(results["metrics"][key]), (what, key, results["metrics"])
 
 
@@ -64,7 +64,7 @@ def test_every_estimator_trains_20_steps(model, tmp_path):
     for (est, _), folder in runs.items():
         assert_trained(folder, est)
     # VIMCO reports its K-sample bound beside the ELBO; REBAR/RELAX log their learned temperature and eta
-    assert {"train/elbo", "estimator/iwae5"} <= scalar_tags(runs[("vimco", model)])
+    assert {"bounds/train/elbo", "estimator/iwae5"} <= scalar_tags(runs[("vimco", model)])
     assert {"estimator/temperature1", "estimator/eta2"} <= scalar_tags(runs[("relax", model)])
 
 

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 import sbn_train.models as models
-from sbn_train.evaluation import logged_views, split_bounds, with_log10
-from sbn_train.metrics import METRICS, custom_scalars_layout, log10_tag, lookup
+from sbn_train.evaluation import logged_views, parameter_groups, split_bounds, summarize, with_log10
+from sbn_train.jobs import TRAIN_ELBO
+from sbn_train.metrics import (METRICS, bounds_prefix, current_scalars, custom_scalars_layout, hparam_tags,
+                               in_tensorboard, log10_tag, lookup)
 from sbn_train.progress import Progress
 
 from conftest import random_sbn
-from test_cli import ONE_THREAD, SMALL, sbn_train
+from test_cli import ONE_THREAD, SMALL, compare_tags, sbn_train, time_series_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [*SMALL, "train.max_steps=2", "train.eval_every=2", "variance.every=0"]
@@ -245,7 +247,70 @@ def test_probe_values_come_with_their_log10():
     assert "grad_var_log10/layer2" not in out                       # no log of a zero variance
     for tag in out:
         assert lookup(tag) is not None and lookup(tag).source == "variance", tag
-    assert log10_tag("grad_var_latent/layer3") == "grad_var_latent_log10/layer3"
+    assert log10_tag("grad_var_latent/layer3") == "grad_var_log10_latent/layer3"
+    assert log10_tag("grad_mse/generative") == "grad_mse_log10/generative"
+
+
+def test_tensorboard_tag_order_is_its_frontends():
+    """compare_tags is TensorBoard's order: '/' and digits before letters, numbers by value."""
+    assert compare_tags("grad_var/inference", "grad_var_log10/inference") < 0
+    assert compare_tags("bounds/valid/iwae5", "bounds/valid/iwae50") < 0 < compare_tags("iwae100", "iwae50")
+    assert compare_tags("bounds/x", "estimator/x") < 0 < compare_tags("test/elbo", "images/data")
+    assert compare_tags("a", "a") == 0 and compare_tags("a", "ab") < 0
+    assert [g for g, _ in time_series_groups(["valid/elbo", "grad_var/inference", "images/data"])] == \
+        ["grad_var", "images", "valid"]          # the order a run's cards had before the bounds moved
+
+
+def _run_tags(n_layers: int = 2, k: int = 50, test_k: int = 1000) -> list[str]:
+    """The TensorBoard tags a run writes, made by the functions that name them: every probe view, the
+    bounds during training, the final test, perf, an estimator's own metric, the images."""
+    model = random_sbn(x_dim=4, latent_sizes=(2,) * n_layers)
+    probe = {tag: 1e-3 for family in ("grad_var", "grad_var_latent", "grad_bias", "grad_mse")
+             for tag in parameter_groups(model, family)}
+    x = torch.zeros(3)
+    values = {**with_log10(probe), TRAIN_ELBO: -90.0, "perf/step_time_ms": 5.0, "perf/steps_per_s": 200.0,
+              "estimator/baseline": 1.0, **summarize(bounds_prefix("valid"), x, x, k),
+              f"{TRAIN_ELBO}_eval": -90.0, **summarize(bounds_prefix("train"), x, x, k),
+              **summarize("test", x, x, test_k, with_se=True)}
+    assert all(lookup(t) is not None for t in values), [t for t in values if lookup(t) is None]
+    return [t for t in values if in_tensorboard(t)] + ["images/data", "images/samples", "images/reconstructions"]
+
+
+def test_time_series_shows_the_bounds_first_and_variances_as_log10():
+    """The first screen of TensorBoard (Time Series tab): the bounds during training come first; every
+    gradient-variance card is log10 (a linear one spans a sliver of its axis); HParams metrics are scalars."""
+    tags = _run_tags()
+    groups = time_series_groups(tags)
+    assert groups[0] == ("bounds", ["bounds/train/elbo", "bounds/train/elbo_eval", "bounds/train/iwae50",
+                                    "bounds/valid/elbo", "bounds/valid/iwae50"]), groups
+    assert not any(t.startswith("grad_") and "_log10" not in t.split("/")[0] for t in tags), tags
+    assert {"grad_var_log10/inference", "grad_var_log10_latent/layer2", "grad_bias_log10/generative"} <= set(tags)
+    # the two groups TensorBoard opens at first: the bounds and the paper's protocol (without the exact view)
+    plain = [t for t in tags if not t.startswith(("grad_bias", "grad_mse", "estimator/"))]
+    assert [g for g, _ in time_series_groups(plain)][:3] == ["bounds", "grad_var_log10", "grad_var_log10_latent"]
+    assert set(hparam_tags(tags)) == set(hparam_tags({*tags, "grad_var/inference", "test/elbo_se"}))
+    for m in METRICS:
+        assert m.scalar or not (m.hparam or m.chart), m      # a metric TensorBoard shows is a scalar
+    for n_layers in (1, 4):
+        assert time_series_groups(_run_tags(n_layers, k=5, test_k=5))[0][0] == "bounds"
+
+
+def test_older_runs_read_under_todays_tags():
+    """scripts/report.py reads runs written before the bounds moved under bounds/ and before the log10
+    tags: their tags renamed, series merged by step (a run resumed across the change), log10 derived."""
+    old = {"valid/elbo": [(2, -95.0), (4, -91.0)], "bounds/valid/elbo": [(6, -89.0)],
+           "valid/iwae50": [(2, -90.0)], "train/elbo": [(1, -99.0)], "test/elbo": [(6, -88.0)],
+           "grad_var/inference": [(2, 1e-2), (4, 0.0)], "grad_var_log10/layer1": [(2, -3.0)],
+           "grad_var_latent_log10/inference": [(2, -4.0)], "grad_var_latent/layer2": [(2, 1e-5)]}
+    new = current_scalars(old)
+    assert new["bounds/valid/elbo"] == [(2, -95.0), (4, -91.0), (6, -89.0)]
+    assert new["bounds/valid/iwae50"] == [(2, -90.0)] and new["bounds/train/elbo"] == [(1, -99.0)]
+    assert new["test/elbo"] == [(6, -88.0)] and "valid/elbo" not in new and "train/elbo" not in new
+    assert new["grad_var_log10/inference"] == [(2, pytest.approx(-2.0))]       # none for a zero variance
+    assert new["grad_var_log10/layer1"] == [(2, -3.0)] and new["grad_var_log10_latent/inference"] == [(2, -4.0)]
+    assert new["grad_var_log10_latent/layer2"] == [(2, pytest.approx(-5.0))]
+    assert "grad_var_latent_log10/inference" not in new
+    assert current_scalars(new) == new
 
 
 def _charted(layout):
@@ -263,11 +328,12 @@ def test_layout_holds_only_charts_the_run_fills():
     assert logged_views(small, VarianceConfig(every=300), max_steps=300) == ["minibatch", "latent", "exact"]
     full = _charted(custom_scalars_layout(n_layers=2, views=logged_views(small, VarianceConfig())))
     assert {"^grad_var_log10/inference$", "^grad_bias_log10/inference$", "^grad_var_log10/layer1$",
-            "^grad_var_log10/layer2$", "^grad_var/inference$", r"^valid/iwae\d+$"} <= full
+            "^grad_var_log10/layer2$", "^grad_var_log10_latent/inference$", r"^bounds/valid/iwae\d+$"} <= full
+    assert not any(t.startswith("^grad_") and "_log10" not in t.split("/")[0] for t in full)    # no linear variance chart
     large = _charted(custom_scalars_layout(n_layers=2, views=logged_views(big, VarianceConfig())))
-    assert not any("bias" in t for t in large) and "^grad_var_latent_log10/layer2$" in large
+    assert not any("bias" in t for t in large) and "^grad_var_log10_latent/layer2$" in large
     assert not any("grad_" in t for t in _charted(custom_scalars_layout(n_layers=2, views=[], iwae=False)))
-    assert r"^valid/iwae\d+$" not in _charted(custom_scalars_layout(n_layers=2, views=[], iwae=False))
+    assert r"^bounds/valid/iwae\d+$" not in _charted(custom_scalars_layout(n_layers=2, views=[], iwae=False))
     one = _charted(custom_scalars_layout(n_layers=1))
     assert not any("layer" in t for t in one)                 # layer 1 of a one-layer model is the inference net
     views = ["minibatch", "latent", "exact"]

@@ -50,7 +50,7 @@ def test_sweep_then_report(tmp_path):
     for run in runs:
         overrides = dict(kv.split("=", 1) for kv in run.name.split(","))
         best[(overrides["estimator"], float(overrides["optim.lr"]))].append(
-            max(v for _, v in scalars(run)["valid/elbo"]))
+            max(v for _, v in scalars(run)["bounds/valid/elbo"]))
     for row in rows:
         means = {lr: sum(v) / len(v) for (e, lr), v in best.items() if e == row["estimator"]}
         assert float(row["lr"]) == max(means, key=means.get), (row, means)
@@ -95,8 +95,8 @@ def test_report_without_final_test_and_with_unreadable_records(tmp_path):
     best = {p.name.split("=", 1)[1]: p for p in runs}
     for i, est in enumerate(["reinforce", "nvil"]):            # the paper's column order: LR, LR+C+IDB
         s = scalars(best[est])
-        assert cells["best valid ELBO"][i] == f"{max(v for _, v in s['valid/elbo']):.2f}"
-        assert cells["best valid bound (K=5)"][i] == f"{max(v for _, v in s['valid/iwae5']):.2f}"
+        assert cells["best valid ELBO"][i] == f"{max(v for _, v in s['bounds/valid/elbo']):.2f}"
+        assert cells["best valid bound (K=5)"][i] == f"{max(v for _, v in s['bounds/valid/iwae5']):.2f}"
     assert "failed: `corrupt` at step 4/4: results.json unreadable (JSONDecodeError" in table, table
     assert "failed: `empty_failed` at step 4/4: failed.json unreadable (JSONDecodeError" in table, table
     with (out / "runs.csv").open() as f:
