@@ -263,14 +263,15 @@ def headline(args, device, images) -> None:
             print(f"ratio marginal/nvil = {step['marginal'] / step['nvil']:.2f}")
         if "marginal" in step and "marginal_reference" in step:
             print(f"ratio marginal_reference/marginal = {step['marginal_reference'] / step['marginal']:.1f}")
-        if spec.family == "categorical" and "marginal" in step:
+        if spec.family == "categorical" and (spec.hidden or spec.n_hidden) and "marginal" in step:
             floor = floor_ms(sizes, spec, images, batch, args.rounds, device)
             print(f"floor (every alternative's rows through the generative nets that read its layer, one batched "
                   f"product per layer) = {floor:.2f} ms; ratio marginal/floor = {step['marginal'] / floor:.2f}")
 
 
 def floor_ms(sizes, spec, images, batch, rounds, device) -> float:
-    """The categorical marginal step's floor: for every layer l, the B*H_l*(K-1) alternatives' rows (first-layer
+    """The categorical marginal step's floor on a model whose nets have MLP tails (on a linear one the
+    comparison is marginal/nvil against sbn_2layer's): for every layer l, the B*H_l*(K-1) alternatives' rows (first-layer
     pre-activations of the generative net that reads layer l, built before timing) through that net's MLP
     tail and the log-likelihood of the layer below, as one batched product per layer (for the VAE: 180 x B rows
     through 256-512-784 and the Bernoulli log-likelihood of x). Median ms over ``rounds``."""

@@ -154,7 +154,13 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
     K, B, L = fam.classes, x.shape[0], model.n_layers
     max_elements = max_elements or DEFAULT_MAX_ELEMENTS
     noise = [fam.prepare(u) for u in uniforms]
-    widest = max(model.sizes + [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    def widest(l: int) -> int:
+        """The widest last dim of a layer-l alternative's temporaries: the layer below and the layers above,
+        and every layer of the nets that run on the alternatives."""
+        nets = [model.p_nets[l - 1]] + [model.q_nets[m] for m in range(l, L)] + [model.p_nets[m] for m in range(l, L)]
+        return max(model.sizes[l - 1:] + [m.out_features for net in nets for m in net.modules()
+                                          if isinstance(m, torch.nn.Linear)])
+
     shift = torch.arange(1, K, device=x.device)                              # the K - 1 other values
     out = []
     for l, H in enumerate(model.latent_sizes, start=1):
@@ -175,7 +181,7 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
         else:
             prior = torch.log_softmax(fam.blocks(model.prior_logits), -1).flatten(-2)   # [W_L]
         cls = fam.blocks(z_l).argmax(-1)                                     # [B, H]
-        chunk = max(1, min(H, max_elements // max(1, B * (K - 1) * widest)))
+        chunk = max(1, min(H, max_elements // max(1, B * (K - 1) * widest(l))))
         parts = []
         for a in range(0, H, chunk):
             e = min(H, a + chunk)
