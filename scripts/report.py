@@ -155,12 +155,15 @@ def run_identity(folder: Path, results: dict | None) -> dict:
         config = checkpoint_config(folder / "checkpoint.pt")
     hparams = (results or {}).get("hparams")
     hparams = hparams if isinstance(hparams, dict) else {}
+    family = {}                     # a categorical model's family, classes and hidden widths
     if isinstance(config, dict) and "dataset.name" in config:
         sizes, hidden = config.get("model.latent_sizes"), config.get("model.n_hidden")
+        family = {k: config.get(f"model.{k}") for k in ("family", "classes", "hidden")}
         who.update(dataset=str(config["dataset.name"]), estimator=str(config.get("estimator_choice", "?")),
                    lr=float(config.get("optim.lr", math.nan)), seed=int(config.get("seed", -1)))
     elif hparams:
         sizes, hidden = json.loads(str(hparams.get("latent_sizes", "null"))), hparams.get("n_hidden")
+        family = {k: hparams.get(k) for k in ("family", "classes")}
         who.update(dataset=str(hparams.get("dataset", "?")), estimator=str(hparams.get("estimator", "?")),
                    lr=float(hparams.get("lr", math.nan)), seed=int(hparams.get("seed", -1)))
     else:
@@ -171,13 +174,24 @@ def run_identity(folder: Path, results: dict | None) -> dict:
         cfg, choices = hydra
         if sizes is None:
             sizes, hidden = list(cfg.model.latent_sizes), cfg.model.n_hidden
+            family = {k: cfg.model.get(k) for k in ("family", "classes", "hidden")}
             who.update(dataset=str(cfg.dataset.name), estimator=str(choices.estimator), lr=float(cfg.optim.lr),
                        seed=int(cfg.seed))
         max_steps = cfg.train.max_steps if max_steps is None else max_steps
     if sizes is not None:
-        who["model"] = f"{'nonlinear' if hidden else 'linear'} {'-'.join(str(h) for h in sizes)}"
+        who["model"] = model_label(sizes, hidden, **family)
     who["max_steps"] = int(max_steps or 0)
     return who
+
+
+def model_label(sizes, n_hidden, family=None, classes=None, hidden=None) -> str:
+    """"linear 200-200", "nonlinear 200-200"; categorical: "categorical linear 20x10-20x10",
+    "categorical MLP 512-256, 20x10"."""
+    if family != "categorical":
+        return f"{'nonlinear' if n_hidden or hidden else 'linear'} {'-'.join(str(h) for h in sizes)}"
+    layers = "-".join(f"{h}x{classes}" for h in sizes)
+    nets = f"MLP {'-'.join(str(w) for w in hidden)}, " if hidden else ("nonlinear " if n_hidden else "linear ")
+    return f"categorical {nets}{layers}"
 
 
 def checkpoint_config(path: Path) -> dict | None:
@@ -234,6 +248,16 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
+def test_mean_se(runs: list[Run], key: str) -> tuple[float, float]:
+    """Mean and standard error over seeds of a test metric; for a single seed, the run's own standard error
+    over the test rows (``<key>_se`` in results.json)."""
+    values = [r.metrics[key] for r in runs if key in r.metrics]
+    m, se = mean_se(values)
+    if len(values) == 1 and f"{key}_se" in runs[0].metrics:
+        se = float(runs[0].metrics[f"{key}_se"])
+    return m, se
+
+
 def estimator_order(names) -> list[str]:
     return [e for e in LABELS if e in names] + sorted(e for e in names if e not in LABELS)
 
@@ -273,8 +297,7 @@ def select(runs: list[Run]) -> list[Row]:
         vk = min(r.valid_k for r in chosen)
         rows.append(Row(dataset, model, est, lr, sorted(chosen, key=lambda r: r.seed),
                         mean_se([r.best_valid_elbo for r in chosen])[0],
-                        mean_se([r.metrics["test/elbo"] for r in chosen if "test/elbo" in r.metrics]),
-                        mean_se([r.metrics[f"test/iwae{k}"] for r in chosen if f"test/iwae{k}" in r.metrics]), k,
+                        test_mean_se(chosen, "test/elbo"), test_mean_se(chosen, f"test/iwae{k}"), k,
                         mean_se([r.best_valid_bound for r in chosen])[0] if vk else -math.inf, vk))
     order = {e: i for i, e in enumerate(estimator_order({r.estimator for r in rows}))}
     return sorted(rows, key=lambda r: (r.dataset, r.model, order[r.estimator]))
@@ -331,7 +354,9 @@ def markdown_table(rows: list[Row]) -> str:
     lines = []
     for dataset, model, ests, by_est in table_blocks(rows):
         tested = all(by_est[e].tested for e in ests)
-        where = ("test set; mean ± standard error over seeds" if tested else
+        one_seed = all(len(by_est[e].runs) == 1 for e in ests)
+        where = (("test set; one seed: ± the standard error over the test rows" if one_seed else
+                  "test set; mean ± standard error over seeds") if tested else
                  "no final test (test.enabled=false): validation split, best over evaluations, mean over seeds")
         lines += [f"**{dataset}, {model}** ({where})", "",
                   "| | " + " | ".join(LABELS.get(e, e) for e in ests) + " |",

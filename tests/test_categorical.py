@@ -362,3 +362,23 @@ def test_runs_recorded_before_the_family_keys_resume():
     assert config_changes(old, {**old, **ADDED_KEYS}) == []
     assert config_changes(old, {**old, **ADDED_KEYS, "model.family": "categorical"}) == [
         "model.family: bernoulli -> categorical"]
+
+
+def test_report_labels_categorical_models_and_one_seed_errors():
+    """scripts/report.py names a categorical model by its family, and with one seed gives the test rows'
+    standard error (results.json's ``<metric>_se``)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import report
+    assert report.model_label([200, 200], 0) == "linear 200-200"
+    assert report.model_label([200, 200], 2) == "nonlinear 200-200"
+    assert report.model_label([20, 20], 0, "categorical", 10, []) == "categorical linear 20x10-20x10"
+    assert report.model_label([20], 0, "categorical", 10, [512, 256]) == "categorical MLP 512-256, 20x10"
+
+    class R:
+        def __init__(self, v, se):
+            self.metrics = {"test/elbo": v, "test/elbo_se": se}
+    assert report.test_mean_se([R(-100.0, 1.5)], "test/elbo") == (-100.0, 1.5)
+    m, se = report.test_mean_se([R(-100.0, 1.5), R(-102.0, 1.5)], "test/elbo")
+    assert m == -101.0 and se == pytest.approx(1.0)                  # over seeds: std 1.414 / sqrt(2)
