@@ -33,6 +33,10 @@ step "bench_step.py: eager and graph, three models"
 timeout 900 $PY scripts/bench_step.py --device cuda --models sbn_2layer,sbn_4layer,sbn_nonlinear \
     --estimators reinforce,nvil,marginal,marginal_reference,leg,muprop --rounds 10 --no-memory
 
+step "bench_step.py: categorical models, eager and graph, with the VAE's floor"
+timeout 600 $PY scripts/bench_step.py --device cuda --models categorical_2layer,categorical_vae \
+    --estimators reinforce,nvil,marginal,gumbel --rounds 10 --no-memory
+
 step "bench_step.py: concurrent runs on one GPU"
 timeout 900 $PY scripts/bench_step.py --device cuda --concurrent 1,2,4,8 --estimators marginal,nvil \
     --warmup-seconds 40 --window-seconds 15

@@ -382,3 +382,22 @@ def test_report_labels_categorical_models_and_one_seed_errors():
     assert report.test_mean_se([R(-100.0, 1.5)], "test/elbo") == (-100.0, 1.5)
     m, se = report.test_mean_se([R(-100.0, 1.5), R(-102.0, 1.5)], "test/elbo")
     assert m == -101.0 and se == pytest.approx(1.0)                  # over seeds: std 1.414 / sqrt(2)
+
+
+@pytest.mark.parametrize("name", [n for n in available_estimators() if n not in BINARY_ONLY])
+def test_categorical_step_reads_nothing_back(name):
+    """What a CUDA graph captures (the device route): forward and backward of each categorical estimator read
+    nothing back to the host."""
+    from sbn_train.estimators.flip_common import set_route
+    from sbn_train.sync_guard import no_host_sync
+    torch.manual_seed(0)
+    model = SBN(20, [4, 3], x_mean=torch.full((20,), 0.4), family="categorical", classes=5)
+    x = (torch.rand(16, 20, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    est = build_estimator(name, model)
+    set_route(est, "device")
+    with no_host_sync():
+        out = est(model, x, torch.Generator().manual_seed(2))
+        out.surrogate.backward()
+        if out.aux_loss is not None:
+            out.aux_loss.backward()
+    assert all(p.grad is not None for p in model.inference_parameters())
