@@ -101,28 +101,38 @@ class ReplicaModels:
     def _one(self, tensors: dict, x: Tensor, uniforms: list[Tensor], samples: int) -> Tensor:
         return torch.func.functional_call(self._call, tensors, ("log_weights", x, samples, UniformTape(uniforms)))
 
-    def _per_call(self, samples: int, B: int, max_rows: int, device: torch.device) -> int:
-        """Samples per vmapped call: at most ``max_rows`` rows of all replicas together (the memory of one
-        run's evaluation chunk), and on a CPU about ``block_rows`` (cache-sized blocks, as ``log_weights``
-        makes them for one model)."""
+    def _blocks(self, samples: int, B: int, max_rows: int, device: torch.device) -> tuple[int, int]:
+        """(samples, data rows) of one vmapped call. All replicas' rows of a call together are at most
+        ``max_rows`` (the memory of one run's evaluation chunk), and on a CPU about ``block_rows`` (blocks
+        that stay in cache, as ``log_weights`` makes them for one model). The samples of a call are as many
+        as fit, then the data rows: each call computes its rows' first inference layer once for all its
+        samples, as one ``log_weights`` call does for its chunk."""
         rows = max_rows if device.type != "cpu" else min(max_rows, self.block_rows or REPLICA_BLOCK_ROWS)
-        return max(1, min(samples, rows // max(self.size * B, 1)))
+        per_replica = max(1, rows // self.size)
+        s = min(samples, per_replica)
+        return s, max(1, min(B, per_replica // s))
 
     @torch.no_grad()
     def log_weights(self, x: Tensor, samples: int, generator: torch.Generator, max_rows: int = 65536) -> Tensor:
         """``[R, samples, B]``: row r is ``SBN.log_weights(x, samples, generator)`` of replica r, with the same
-        uniforms: they are drawn as that call draws them (one ``draw_uniforms(samples * B)``), once for all
-        replicas, then handed to the vmapped calls in blocks of samples on a :class:`UniformTape`."""
+        uniforms: they are drawn as that call draws them (one ``draw_uniforms(samples * B)``: one uniform per
+        sample, data row and latent unit), once for all replicas, then handed to the vmapped calls, each a
+        block of samples and data rows (:meth:`_blocks`), on a :class:`UniformTape`."""
         B = x.shape[0]
         us = self.template.draw_uniforms(samples * B, generator, x.device, x.dtype)   # log_weights' own draw
-        per = self._per_call(samples, B, max_rows, x.device)
-        xs = x.expand(self.size, *x.shape)
-        if per >= samples:
-            return self._batched(self.tensors, xs, us, samples)
+        s, b = self._blocks(samples, B, max_rows, x.device)
+        if s >= samples and b >= B:
+            return self._batched(self.tensors, x.expand(self.size, *x.shape), us, samples)
+        grid = [u.view(samples, B, u.shape[-1]) for u in us]                # sample-major: row s * B + b
         out = x.new_empty(self.size, samples, B)
-        for s0 in range(0, samples, per):
-            s1 = min(samples, s0 + per)
-            out[:, s0:s1] = self._batched(self.tensors, xs, [u[s0 * B:s1 * B] for u in us], s1 - s0)
+        for s0 in range(0, samples, s):
+            s1 = min(samples, s0 + s)
+            for b0 in range(0, B, b):
+                b1 = min(B, b0 + b)
+                xb = x[b0:b1]
+                block = [g[s0:s1, b0:b1].reshape(-1, g.shape[-1]) for g in grid]
+                out[:, s0:s1, b0:b1] = self._batched(self.tensors, xb.expand(self.size, *xb.shape), block,
+                                                     s1 - s0)
         return out
 
     @torch.no_grad()
