@@ -125,7 +125,14 @@ class LogTraining(Job):
 
 
 class VarianceProbe(Job):
-    """The gradient-variance probe (:func:`sbn_train.evaluation.measure_variance`), on its own streams."""
+    """The gradient-variance probe (:func:`sbn_train.evaluation.measure_variance`), on its own streams.
+
+    In a replica group each run's probe still runs on its own (unlike the evaluation): it runs the estimator
+    forward and backward ``variance.samples`` times per view on the run's own minibatches, so batching it means
+    the group's vmapped gradient (``ReplicaGroup.gradients``) with each run's probe streams and the draws of
+    the estimator in eval mode, computed for every replica of the group (runs whose probe is not due
+    included), with the exact view per run anyway; on a CPU the groups of ``marginal`` and ``leg`` take turns
+    replica by replica regardless."""
 
     def __init__(self, cfg: VarianceConfig, data: torch.Tensor, batch_size: int, seed: int):
         self.every, self.cfg, self.data, self.batch_size, self.seed = cfg.every, cfg, data, batch_size, seed
