@@ -17,11 +17,14 @@ from .data import binarize, eval_batches
 from .diagnostics import exact_gradient_by_parameter, gradient_moments
 from .metrics import log10_tag
 from .estimators import Estimator
-from .models import SBN
+from .models import EVAL_BLOCK_ROWS, SBN, UniformTape
 from .progress import SILENT, Progress
 
 #: added to an evaluation seed for the latent-sampling stream, so it differs from the binarization stream
 SAMPLING_OFFSET = 0x9E3779B9
+
+#: rows (data x samples x replicas) of one vmapped evaluation call of a replica group on a CPU
+REPLICA_BLOCK_ROWS = EVAL_BLOCK_ROWS
 
 
 @torch.no_grad()
@@ -60,6 +63,127 @@ def split_bounds(model: SBN, data: Tensor, batch_size: int, limit: int | None, s
                 iwaes.append(model.iwae_bound(x, iwae_k, gen, max_rows=max_rows).double())
             done(x.shape[0])
     return torch.cat(elbos), (torch.cat(iwaes) if iwae_k else None)
+
+
+# ----- the same bounds for R models at once (a replica group) -------------------------------------
+class _Call(nn.Module):
+    """A model as the one submodule ``model``, calling the method it is given: ``functional_call`` swaps in
+    one replica's tensors and calls the model's own public methods (``log_weights``)."""
+
+    def __init__(self, model: SBN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, *args):
+        return getattr(self.model, method)(*args)
+
+
+class ReplicaModels:
+    """R models of one architecture as stacked tensors ``[R, ...]``, their bounds computed by one vmapped
+    call of the model's own :meth:`~sbn_train.models.SBN.log_weights` for all of them.
+
+    ``template``: a model of that architecture (its own tensors are not used, nor changed: ``functional_call``
+    swaps the stacks in for the call); ``states``: each replica's ``state_dict`` (its parameters and buffers,
+    e.g. a replica's current modules or its ``best.pt``). ``block_rows``: on a CPU, the rows (data x samples x
+    replicas) of one vmapped call (None: ``REPLICA_BLOCK_ROWS``)."""
+
+    def __init__(self, template: SBN, states: list[dict[str, Tensor]], block_rows: int | None = None):
+        if not states:
+            raise ValueError("ReplicaModels needs at least one model")
+        self.template, self.size, self.block_rows = template, len(states), block_rows
+        self.dtype = template.prior_logits.dtype
+        device = template.prior_logits.device
+        self.tensors = {f"model.{k}": torch.stack([sd[k].detach().to(device) for sd in states])
+                        for k in states[0]}
+        self._call = _Call(template)
+        self._batched = torch.func.vmap(self._one, in_dims=(0, 0, None, None))
+
+    def _one(self, tensors: dict, x: Tensor, uniforms: list[Tensor], samples: int) -> Tensor:
+        return torch.func.functional_call(self._call, tensors, ("log_weights", x, samples, UniformTape(uniforms)))
+
+    def _blocks(self, samples: int, B: int, max_rows: int, device: torch.device) -> tuple[int, int]:
+        """(samples, data rows) of one vmapped call. All replicas' rows of a call together are at most
+        ``max_rows`` (the memory of one run's evaluation chunk), and on a CPU about ``block_rows`` (blocks
+        that stay in cache, as ``log_weights`` makes them for one model). The samples of a call are as many
+        as fit, then the data rows: each call computes its rows' first inference layer once for all its
+        samples, as one ``log_weights`` call does for its chunk."""
+        rows = max_rows if device.type != "cpu" else min(max_rows, self.block_rows or REPLICA_BLOCK_ROWS)
+        per_replica = max(1, rows // self.size)
+        s = min(samples, per_replica)
+        return s, max(1, min(B, per_replica // s))
+
+    @torch.no_grad()
+    def log_weights(self, x: Tensor, samples: int, generator: torch.Generator, max_rows: int = 65536) -> Tensor:
+        """``[R, samples, B]``: row r is ``SBN.log_weights(x, samples, generator)`` of replica r, with the same
+        uniforms: they are drawn as that call draws them (one ``draw_uniforms(samples * B)``: one uniform per
+        sample, data row and latent unit), once for all replicas, then handed to the vmapped calls, each a
+        block of samples and data rows (:meth:`_blocks`), on a :class:`UniformTape`."""
+        B = x.shape[0]
+        us = self.template.draw_uniforms(samples * B, generator, x.device, x.dtype)   # log_weights' own draw
+        s, b = self._blocks(samples, B, max_rows, x.device)
+        if s >= samples and b >= B:
+            return self._batched(self.tensors, x.expand(self.size, *x.shape), us, samples)
+        grid = [u.view(samples, B, u.shape[-1]) for u in us]                # sample-major: row s * B + b
+        out = x.new_empty(self.size, samples, B)
+        for s0 in range(0, samples, s):
+            s1 = min(samples, s0 + s)
+            for b0 in range(0, B, b):
+                b1 = min(B, b0 + b)
+                xb = x[b0:b1]
+                block = [g[s0:s1, b0:b1].reshape(-1, g.shape[-1]) for g in grid]
+                out[:, s0:s1, b0:b1] = self._batched(self.tensors, xb.expand(self.size, *xb.shape), block,
+                                                     s1 - s0)
+        return out
+
+    @torch.no_grad()
+    def elbo_average(self, x: Tensor, samples: int, generator: torch.Generator, max_rows: int = 65536) -> Tensor:
+        """:func:`elbo_average` of every replica, ``[R, B]`` (float64), its chunks and draws."""
+        B = x.shape[0]
+        per_chunk = max(1, max_rows // max(B, 1))
+        total = torch.zeros(self.size, B, device=x.device, dtype=torch.float64)
+        done = 0
+        while done < samples:
+            c = min(per_chunk, samples - done)
+            total += self.log_weights(x, c, generator, max_rows).double().sum(1)
+            done += c
+        return total / samples
+
+    @torch.no_grad()
+    def iwae_bound(self, x: Tensor, k: int, generator: torch.Generator, max_rows: int = 65536) -> Tensor:
+        """``SBN.iwae_bound`` of every replica, ``[R, B]``: its chunks of at most ``max_rows`` rows (the same
+        draws), combined by the same running logsumexp."""
+        B = x.shape[0]
+        per_chunk = max(1, max_rows // max(B, 1))
+        total = torch.full((self.size, B), -math.inf, device=x.device, dtype=x.dtype)
+        done = 0
+        while done < k:
+            c = min(per_chunk, k - done)
+            w = self.log_weights(x, c, generator, max_rows)                   # [R, c, B]
+            total = torch.logaddexp(total, torch.logsumexp(w, 1))
+            done += c
+        return total - math.log(k)
+
+
+@torch.no_grad()
+def replica_split_bounds(models: ReplicaModels, data: Tensor, batch_size: int, limit: int | None, seed: int,
+                         elbo_samples: int, iwae_k: int, max_rows: int,
+                         progress: Progress | None = None) -> tuple[Tensor, Tensor | None]:
+    """:func:`split_bounds` of every replica of ``models`` at once: ``[R, rows]`` ELBOs and K-sample bounds.
+    Row r equals ``split_bounds(model_r, ...)`` with the same arguments up to float rounding (the replicas'
+    matrix products are batched, and blocked by rows differently): the same binarized batches and the same
+    latent uniforms, since a run's evaluation streams are seeded by ``seed`` alone, the same for every
+    replica; they are drawn once, in the order one run draws them, and shared."""
+    gen = torch.Generator(device=data.device).manual_seed(seed + SAMPLING_OFFSET)
+    rows = data.shape[0] if limit is None else min(limit, data.shape[0])
+    elbos, iwaes = [], []
+    with (progress or SILENT).track(rows) as done:
+        for x in eval_batches(data, batch_size, seed, limit):
+            x = x.to(models.dtype)
+            elbos.append(models.elbo_average(x, elbo_samples, gen, max_rows))
+            if iwae_k:
+                iwaes.append(models.iwae_bound(x, iwae_k, gen, max_rows).double())
+            done(x.shape[0])
+    return torch.cat(elbos, 1), (torch.cat(iwaes, 1) if iwae_k else None)
 
 
 def summarize(prefix: str, elbo: Tensor, iwae: Tensor | None, k: int, with_se: bool = False) -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 from . import faults, tb
 from .config import EvalConfig, VarianceConfig
 from .data import Splits, eval_batches
-from .evaluation import measure_variance, split_bounds, summarize
+from .evaluation import ReplicaModels, measure_variance, replica_split_bounds, split_bounds, summarize
 from .metrics import bounds_prefix, in_tensorboard
 from .models import SBN
 from .progress import Progress, phase
@@ -128,7 +128,14 @@ class LogTraining(Job):
 
 
 class VarianceProbe(Job):
-    """The gradient-variance probe (:func:`sbn_train.evaluation.measure_variance`), on its own streams."""
+    """The gradient-variance probe (:func:`sbn_train.evaluation.measure_variance`), on its own streams.
+
+    In a replica group each run's probe still runs on its own (unlike the evaluation): it runs the estimator
+    forward and backward ``variance.samples`` times per view on the run's own minibatches, so batching it means
+    the group's vmapped gradient (``ReplicaGroup.gradients``) with each run's probe streams and the draws of
+    the estimator in eval mode, computed for every replica of the group (runs whose probe is not due
+    included), with the exact view per run anyway; on a CPU the groups of ``marginal`` and ``leg`` take turns
+    replica by replica regardless."""
 
     def __init__(self, cfg: VarianceConfig, data: torch.Tensor, batch_size: int, seed: int):
         self.every, self.cfg, self.data, self.batch_size, self.seed = cfg.every, cfg, data, batch_size, seed
@@ -175,13 +182,50 @@ def evaluate(model: SBN, data: torch.Tensor, cfg: EvalConfig, split: str, show: 
     return summarize(bounds_prefix(split), elbo, iwae, cfg.iwae_k)
 
 
+def evaluate_replicas(models: ReplicaModels, data: torch.Tensor, cfg: EvalConfig, split: str,
+                      show: bool = False) -> list[dict[str, float]]:
+    """:func:`evaluate` of every replica of ``models`` in one batched computation (one dict per replica)."""
+    elbo, iwae = replica_split_bounds(models, data, cfg.batch_size, cfg.limit, cfg.seed, 1, cfg.iwae_k,
+                                      cfg.max_rows, progress=Progress(f"evaluating {split} ({models.size} runs)",
+                                                                      enabled=show))
+    return [summarize(bounds_prefix(split), elbo[r], None if iwae is None else iwae[r], cfg.iwae_k)
+            for r in range(models.size)]
+
+
+def same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same split (the same tensor, or equal ones)."""
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+
+
+def same_architecture(a: SBN, b: SBN) -> bool:
+    """Models whose tensors can be stacked: the same names, shapes, dtypes and devices."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(
+        (sa[k].shape, sa[k].dtype, sa[k].device) == (sb[k].shape, sb[k].dtype, sb[k].device) for k in sa)
+
+
+def partition(items: list, together) -> list[list]:
+    """``items`` in classes of ``together(a, b)`` (compared with each class's first item), in order."""
+    classes: list[list] = []
+    for item in items:
+        for c in classes:
+            if together(c[0], item):
+                c.append(item)
+                break
+        else:
+            classes.append([item])
+    return classes
+
+
 class EvaluateAndCheckpoint(Job):
     """Validation (and training-split) bounds; ``best.pt`` when the validation bound improves; then the
-    checkpoint of the whole :class:`TrainState`."""
+    checkpoint of the whole :class:`TrainState`. In a replica group, ``batch`` (a :class:`GroupEvaluations`)
+    computes the bounds of the group's runs together."""
     at_end = True
 
     def __init__(self, every: int, cfg: EvalConfig, splits: Splits, show: bool = False):
         self.every, self.cfg, self.splits, self.show = every, cfg, splits, show
+        self.batch: GroupEvaluations | None = None
 
     def bounds(self, model: SBN) -> dict[str, float]:
         out = evaluate(model, self.splits.valid, self.cfg, "valid", self.show)
@@ -192,9 +236,25 @@ class EvaluateAndCheckpoint(Job):
             out.update(ev)
         return out
 
+    def replica_bounds(self, models: ReplicaModels) -> list[dict[str, float]]:
+        """:meth:`bounds` of every replica of ``models`` (runs whose jobs :meth:`shares_work` with this one)."""
+        out = evaluate_replicas(models, self.splits.valid, self.cfg, "valid", self.show)
+        if self.cfg.train_split:
+            train = evaluate_replicas(models, self.splits.train, replace(self.cfg, limit=self.cfg.train_limit),
+                                      "train", self.show)
+            for o, ev in zip(out, train):
+                o[f"{TRAIN_ELBO}_eval"] = ev.pop(TRAIN_ELBO)   # TRAIN_ELBO is the running training-batch ELBO
+                o.update(ev)
+        return out
+
+    def shares_work(self, other: "EvaluateAndCheckpoint") -> bool:
+        """Whether ``other``'s bounds are computed as this job's are: the same settings and data."""
+        return self.cfg == other.cfg and same_data(self.splits.valid, other.splits.valid) and \
+            (not self.cfg.train_split or same_data(self.splits.train, other.splits.train))
+
     def __call__(self, ctx: Context, step: int) -> None:
         state = ctx.state
-        ev = self.bounds(state.model)
+        ev = self.batch.bounds(self, ctx) if self.batch is not None else self.bounds(state.model)
         faults.point("eval", step)
         ctx.log(ev, step)
         valid = bounds_prefix("valid")
@@ -205,3 +265,38 @@ class EvaluateAndCheckpoint(Job):
         state.save(ctx.out_dir / CHECKPOINT)
         ctx.writer.flush()
         ctx.measured()
+
+
+class GroupEvaluations:
+    """The periodic evaluations of a replica group's runs, batched over the runs.
+
+    Before a group's jobs run after a step, :attr:`members` is set to the runs (their evaluation job and
+    :class:`Context`) whose evaluation is due. The first of them to run its evaluation evaluates, at once,
+    every member whose job :meth:`~EvaluateAndCheckpoint.shares_work` with it and whose model has the same
+    architecture (one :class:`~sbn_train.evaluation.ReplicaModels` computation per split and batch of rows); the
+    others take their bounds when their own job runs. A run alone in its class is evaluated as a standalone
+    run is. The models' tensors are read when the first job runs: the jobs before a run's evaluation do not
+    change them."""
+
+    def __init__(self):
+        self.members: list[tuple[EvaluateAndCheckpoint, Context]] = []
+        self.ready: dict[int, dict[str, float]] = {}
+
+    def start(self, members: list[tuple[EvaluateAndCheckpoint, Context]]) -> None:
+        self.members, self.ready = list(members), {}
+
+    def bounds(self, job: EvaluateAndCheckpoint, ctx: Context) -> dict[str, float]:
+        if id(job) not in self.ready:
+            self._evaluate(job, ctx)
+        return self.ready.pop(id(job))
+
+    def _evaluate(self, job: EvaluateAndCheckpoint, ctx: Context) -> None:
+        mine = [(j, c) for j, c in self.members if j is not job and id(j) not in self.ready
+                and j.shares_work(job) and same_architecture(c.state.model, ctx.state.model)]
+        if not mine:
+            self.ready[id(job)] = job.bounds(ctx.state.model)
+            return
+        together = [(job, ctx)] + mine
+        models = ReplicaModels(ctx.state.model, [c.state.model.state_dict() for _, c in together])
+        for (j, _), ev in zip(together, job.replica_bounds(models)):
+            self.ready[id(j)] = ev

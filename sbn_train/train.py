@@ -23,9 +23,9 @@ from . import metrics as registry
 from .config import EvalConfig, OptimConfig, TestConfig, TrainConfig, VarianceConfig
 from .data import Splits
 from .estimators import Estimate, Estimator
-from .evaluation import logged_views, split_bounds, summarize
-from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, Images, Job, LogTraining, StepClock,
-                   VarianceProbe, evaluate, initial_elbo)
+from .evaluation import ReplicaModels, logged_views, replica_split_bounds, split_bounds, summarize
+from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, GroupEvaluations, Images, Job, LogTraining,
+                   StepClock, VarianceProbe, evaluate, initial_elbo, partition, same_architecture, same_data)
 from .models import SBN
 from .progress import Progress, training_progress
 from .lock import FolderBusy, RunLock
@@ -132,6 +132,17 @@ def evaluate_test(model: SBN, data: torch.Tensor, cfg: TestConfig, show: bool = 
     elbo, iwae = split_bounds(model, data, cfg.batch_size, cfg.limit, cfg.seed, cfg.elbo_samples, cfg.iwae_k,
                               cfg.max_rows, progress=Progress("testing the best model", enabled=show))
     return summarize("test", elbo, iwae, cfg.iwae_k, with_se=True)
+
+
+def evaluate_test_replicas(models: ReplicaModels, data: torch.Tensor, cfg: TestConfig,
+                           show: bool = False) -> list[dict[str, float]]:
+    """:func:`evaluate_test` of every replica of ``models`` in one batched computation (one dict per replica)."""
+    elbo, iwae = replica_split_bounds(models, data, cfg.batch_size, cfg.limit, cfg.seed, cfg.elbo_samples,
+                                      cfg.iwae_k, cfg.max_rows,
+                                      progress=Progress(f"testing the best models of {models.size} runs",
+                                                        enabled=show))
+    return [summarize("test", elbo[r], None if iwae is None else iwae[r], cfg.iwae_k, with_se=True)
+            for r in range(models.size)]
 
 
 #: the files a run writes in its folder; the only ones it ever deletes (with ``train.overwrite=true``)
@@ -428,8 +439,9 @@ class RunSession:
                     job.first(ctx)
         state.estimator.train()
 
-    def finish(self, stop: StopSignals) -> RunResult:
-        """The final test of the best model and results.json."""
+    def finish(self, stop: StopSignals, tests: "GroupTests | None" = None) -> RunResult:
+        """The final test of the best model and results.json; ``tests``: a replica group's final tests, batched
+        over the runs that finish together."""
         ctx, state, settings = self.ctx, self.state, self.spec.settings
         self.bar.close()
         metrics = state.metrics
@@ -438,7 +450,8 @@ class RunSession:
         if settings.test is not None and settings.test.enabled:
             try:
                 with stop.interruptible():
-                    metrics.update(_test_best_model(ctx, self.spec.splits, settings.test, settings.train.progress))
+                    metrics.update(_test_best_model(ctx, self.spec.splits, settings.test, settings.train.progress,
+                                                    tests))
             except Interrupted:
                 stop.chain()                  # e.g. a scheduler's requeue handler
                 raise Stopped(stop.signum, state.step) from None
@@ -539,8 +552,12 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
         live.clear()
         return
     holder: list = [None]
+    evaluations = GroupEvaluations()
     for s in live:
         s.start(_ReplicaStep(holder, s.state))
+        for job in s.jobs:
+            if isinstance(job, EvaluateAndCheckpoint):
+                job.batch = evaluations
 
     def leave(session: RunSession, outcome) -> None:
         results[slot[id(session)]] = outcome
@@ -569,6 +586,8 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
         raise Stopped(stop.signum, max((session.state.step for session in live), default=0))
 
     def run_jobs(sessions: list[RunSession]) -> None:
+        evaluations.start([(job, session.ctx) for session in sessions for job in due(session, session.state.step)
+                           if isinstance(job, EvaluateAndCheckpoint)])
         for k, session in enumerate(list(sessions)):
             state = session.state
             jobs = due(session, state.step)
@@ -596,9 +615,11 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
     last_save = time.monotonic()
     group = None
     while live:
-        for session in [s for s in live if s.state.step >= s.spec.settings.train.max_steps]:
+        finishing = [s for s in live if s.state.step >= s.spec.settings.train.max_steps]
+        tests = GroupTests(finishing)
+        for session in finishing:
             try:
-                leave(session, session.finish(stop))
+                leave(session, session.finish(stop, tests))
             except RunError as e:
                 leave(session, e)
             except Stopped:                   # during its final test: the others save, then all stop
@@ -633,14 +654,63 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
             last_save = time.monotonic()
 
 
-def _test_best_model(ctx: Context, splits: Splits, cfg: TestConfig, show: bool) -> dict:
-    """Load ``best.pt`` into the model (it stays there) and evaluate it on the test split."""
+def _test_best_model(ctx: Context, splits: Splits, cfg: TestConfig, show: bool,
+                     tests: "GroupTests | None" = None) -> dict:
+    """Load ``best.pt`` into the model (it stays there) and evaluate it on the test split (``tests``: with the
+    other runs of a replica group that finish at the same time)."""
     best = ctx.out_dir / BEST
     if best.exists():
         ctx.state.load_best(best)
     t0 = time.perf_counter()
-    out = evaluate_test(ctx.state.model, splits.test, cfg, show)
+    out = tests.result(ctx) if tests is not None else None
+    if out is None:
+        out = evaluate_test(ctx.state.model, splits.test, cfg, show)
     faults.point("test", ctx.state.step)
     log.info("tested the best model in %.1f s: %s", time.perf_counter() - t0,
              ", ".join(f"{k}={v:.4f}" for k, v in out.items()))
     return out
+
+
+class GroupTests:
+    """The final tests of the runs of a replica group that finish at the same time, batched over the runs.
+
+    The first run to test its best model tests, at once, every other finishing run with the same test
+    settings, test data and model architecture (one :class:`~sbn_train.evaluation.ReplicaModels` computation
+    per batch of rows): their best models are read from their ``best.pt`` (else their current weights) into
+    the stacks, not into their modules, which load their own when their turn comes (a stop in between leaves
+    every other run as it was). A run alone in its class is tested as a standalone run is (:meth:`result`
+    returns None)."""
+
+    def __init__(self, sessions: list):
+        self.sessions = [s for s in sessions if s.spec.settings.test is not None and s.spec.settings.test.enabled]
+        self.ready: dict[int, dict[str, float]] = {}
+        self.tested: set[int] = set()
+
+    @staticmethod
+    def _together(a, b) -> bool:
+        ta, tb_ = a.spec.settings.test, b.spec.settings.test
+        return ta == tb_ and same_data(a.spec.splits.test, b.spec.splits.test) and \
+            same_architecture(a.state.model, b.state.model)
+
+    def result(self, ctx: Context) -> dict[str, float] | None:
+        me = next((s for s in self.sessions if s.ctx is ctx), None)
+        if me is None:
+            return None
+        if id(me) not in self.ready:
+            mine = next(c for c in partition(self.sessions, self._together) if me in c)
+            mine = [s for s in mine if s is me or (id(s) not in self.ready and id(s) not in self.tested)]
+            if len(mine) == 1:
+                self.tested.add(id(me))
+                return None
+            states = []
+            for s in mine:
+                best = s.out_dir / BEST
+                states.append(s.state.model.state_dict() if s is me or not best.exists()
+                              else load_checkpoint(best, s.state.device)["model"])
+            cfg = me.spec.settings.test
+            models = ReplicaModels(me.state.model, states)
+            for s, out in zip(mine, evaluate_test_replicas(models, me.spec.splits.test, cfg,
+                                                           me.spec.settings.train.progress)):
+                self.ready[id(s)] = out
+        self.tested.add(id(me))
+        return self.ready.pop(id(me))

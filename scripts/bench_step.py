@@ -5,6 +5,7 @@
     python scripts/bench_step.py --estimators reinforce,nvil,marginal,muprop
     python scripts/bench_step.py --scaling                     # marginal vs batch size and layer width
     python scripts/bench_step.py --replicas 1,4,16,64          # replica groups: aggregate steps/s per R
+    python scripts/bench_step.py --eval-replicas 1,4           # replica groups' evaluation and final test
 
 Every estimator runs the training loop's own step (``sbn_train.train.TrainStep`` over a
 ``TrainState``: minibatch sampling from the training split, estimator, backward, both optimizers), timed
@@ -159,6 +160,59 @@ def replicas(args, device, images) -> None:
                 row += [f"{peaks[r]:,.0f}" for r in rs]
             print("| " + " | ".join(row) + " |", flush=True)
             del steps
+
+
+def eval_replicas(args, device, images) -> None:
+    """Seconds of a group's periodic evaluation (validation bounds as train/eval settings of config.yaml: ELBO
+    and K = eval.iwae_k, batches of eval.batch_size) and of its final test (test.elbo_samples and test.iwae_k,
+    batches of test.batch_size) on the first ``--eval-rows`` rows, for R models: R standalone evaluations one
+    after another (``split_bounds``, what a group did before) and one batched over the R
+    (``replica_split_bounds``); R = 1 is the standalone run's. Interleaved rounds, medians."""
+    from sbn_train.evaluation import ReplicaModels, replica_split_bounds, split_bounds
+    from sbn_train.paths import config_dir
+    cfg = OmegaConf.load(config_dir() / "config.yaml")
+    phases = {"eval": (int(cfg.eval.batch_size), 1, int(cfg.eval.iwae_k), int(cfg.eval.max_rows)),
+              "test": (int(cfg.test.batch_size), int(cfg.test.elbo_samples), int(args.test_k or cfg.test.iwae_k),
+                       int(cfg.test.max_rows))}
+    rs = [int(v) for v in args.eval_replicas.split(",")]
+    data = images[:args.eval_rows]
+    for model_name in args.models.split(","):
+        sizes, n_hidden = model_spec(model_name)
+        models = []
+        for i in range(max(rs)):
+            torch.manual_seed(i + 1)
+            models.append(SBN(images.shape[1], sizes, n_hidden, x_mean=images.mean(0).cpu()).to(device))
+        print(f"\n## {model_name} (latent {sizes}), {len(data)} rows, {device}, threads {torch.get_num_threads()}, "
+              f"load average {os.getloadavg()[0]:.2f} at the start")
+        for phase, (batch, samples, k, max_rows) in phases.items():
+            def serial(r, batch=batch, samples=samples, k=k, max_rows=max_rows):
+                return [split_bounds(m, data, batch, None, 5, samples, k, max_rows) for m in models[:r]]
+
+            def batched(r, batch=batch, samples=samples, k=k, max_rows=max_rows):
+                rm = ReplicaModels(models[0], [m.state_dict() for m in models[:r]])
+                return replica_split_bounds(rm, data, batch, None, 5, samples, k, max_rows)
+            cands = {f"R={r} {kind}": (lambda f=f, r=r: f(r)) for r in rs
+                     for kind, f in (("serial", serial), ("batched", batched)) if r > 1 or kind == "serial"}
+            times = {c: [] for c in cands}
+            for c, f in cands.items():                              # warm-up
+                f()
+            for _ in range(args.rounds):
+                for c, f in cands.items():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    f()
+                    sync(device)
+                    times[c].append(time.perf_counter() - t0)
+            med = {c: statistics.median(v) for c, v in times.items()}
+            print(f"{phase} (batch {batch}, ELBO samples {samples}, K {k}), {args.rounds} rounds: median s "
+                  f"(min-max); rows/s of all R runs")
+            for c, m in med.items():
+                r = int(c.split()[0][2:])
+                ratio = ""
+                if c.endswith("batched"):
+                    ratio = f"  serial/batched {med[f'R={r} serial'] / m:.2f}x"
+                print(f"  {c:<14} {m:8.2f} s ({min(times[c]):.2f}-{max(times[c]):.2f})  "
+                      f"{r * len(data) / m:9,.0f} rows/s{ratio}", flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -427,6 +481,10 @@ def main() -> None:
     ap.add_argument("--warmup-seconds", type=float, default=20.0, help="concurrency mode: start-up allowance")
     ap.add_argument("--window-seconds", type=float, default=10.0, help="concurrency mode: timed window")
     ap.add_argument("--replicas", help="R1,R2,...: replica groups, aggregate steps/s per R (e.g. 1,4,16,64)")
+    ap.add_argument("--eval-replicas", help="R1,R2,...: a group's evaluation and final test, R standalone ones "
+                    "in turn against one batched over R (e.g. 1,4)")
+    ap.add_argument("--eval-rows", type=int, default=1000, help="--eval-replicas: data rows evaluated")
+    ap.add_argument("--test-k", type=int, default=0, help="--eval-replicas: K of the test bound (0: config.yaml's)")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_start", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--_seconds", type=float, help=argparse.SUPPRESS)
@@ -452,7 +510,9 @@ def main() -> None:
     cap = torch.backends.cpu.get_cpu_capability()
     print(f"torch {torch.__version__}, device {device}, CPU capability {cap}, threads {torch.get_num_threads()}")
     images = load_images(args.data, device)
-    if args.replicas:
+    if args.eval_replicas:
+        eval_replicas(args, device, images)
+    elif args.replicas:
         replicas(args, device, images)
     elif args.concurrent:
         concurrency(args, device)

@@ -79,3 +79,16 @@ def test_replicas_table_reports_aggregate_rates_and_their_ratios():
         r1, r3 = (float(v.replace(",", "")) for v in r[3:5])
         # the ratio is printed from the unrounded rates: it agrees with the printed rates up to their rounding
         assert abs(float(r[5].rstrip("x")) - r3 / r1) <= 0.005 + (0.5 * r3 + 0.5 * r1) / r1 ** 2 + 0.5 / r1
+
+
+def test_eval_replicas_reports_serial_and_batched():
+    """--eval-replicas: for the evaluation and the final test, R = 1, then R runs one after another and batched,
+    with the ratio of the two."""
+    out = bench("--models", "sbn_1layer", "--eval-replicas", "1,2", "--eval-rows", "20", "--test-k", "10",
+                "--rounds", "1")
+    assert out.returncode == 0, out.stderr
+    for phase in ("eval", "test"):
+        assert re.search(rf"^{phase} \(batch \d+, ELBO samples \d+, K \d+\)", out.stdout, re.M), out.stdout
+    rows = re.findall(r"^  (R=\d \w+)\s+([\d.]+) s .*?rows/s(?:\s+serial/batched ([\d.]+)x)?$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["R=1 serial", "R=2 serial", "R=2 batched"] * 2, out.stdout
+    assert all(float(rows[i][2]) > 0 for i in (2, 5)) and not rows[1][2]

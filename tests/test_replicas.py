@@ -267,3 +267,128 @@ def test_graphed_group_equals_eager_group(name):
     (p0, g0, e0), (p1, g1, e1) = out
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
     assert all(torch.equal(a, b) for a, b in zip(g0, g1)) and torch.equal(e0, e1)
+
+
+# ----- evaluation and the final test, batched over the replicas ------------------------------------------------
+import sbn_train.jobs as jobs_module  # noqa: E402
+import sbn_train.train as train_module  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from sbn_train.evaluation import ReplicaModels, replica_split_bounds, split_bounds  # noqa: E402
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1.0)).max())
+
+
+@pytest.mark.parametrize("max_rows", [12, 40, 1000])
+@pytest.mark.parametrize("n_hidden", [0, 1])
+def test_replica_bounds_equal_standalone_bounds(n_hidden, max_rows):
+    """Three models' ELBO (averaged over 3 samples) and 7-sample bound as one vmapped computation, and one model
+    at a time (split_bounds, as a standalone run evaluates): equal to 1e-10 in float64, row by row, with the
+    same streams. max_rows = 12: chunks of 2 samples, and 1 sample per vmapped call; 40: chunks of 8 samples,
+    2 per call; 1000: one chunk, one call. A partial last batch and a row limit; the models are not changed."""
+    models = [random_sbn(x_dim=6, latent_sizes=(4, 3), n_hidden=n_hidden, seed=s) for s in (0, 1, 2)]
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    data = torch.rand(23, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    args = (data, 5, 21, 77, 3, 7, max_rows)      # batches of 5 of the first 21 rows, seed 77, 3 samples, K = 7
+    batched = ReplicaModels(models[1], [m.state_dict() for m in models])
+    elbo, iwae = replica_split_bounds(batched, *args)
+    assert elbo.shape == iwae.shape == (3, 21) and elbo.dtype == iwae.dtype == torch.float64
+    for r, m in enumerate(models):
+        e, i = split_bounds(m, *args)
+        assert _max_rel(elbo[r], e) <= 1e-10 and _max_rel(iwae[r], i) <= 1e-10, r
+        assert all(torch.equal(v, before[r][k]) for k, v in m.state_dict().items())
+    # the models differ, and so do their bounds: a mix-up of replicas would be seen
+    assert _max_rel(elbo[0], elbo[1]) > 1e-3 and _max_rel(iwae[1], iwae[2]) > 1e-3
+
+
+def test_replica_bounds_in_float32():
+    """float32 (what runs train in): every replica within float rounding (1e-5) of its standalone bounds."""
+    models = [random_sbn(x_dim=8, latent_sizes=(5, 4), seed=s).float() for s in (3, 4, 5, 6)]
+    data = torch.rand(30, 8, generator=torch.Generator().manual_seed(2))
+    args = (data, 10, None, 5, 2, 9, 40)
+    elbo, iwae = replica_split_bounds(ReplicaModels(models[0], [m.state_dict() for m in models]), *args)
+    for r, m in enumerate(models):
+        e, i = split_bounds(m, *args)
+        assert _max_rel(elbo[r], e) <= 1e-5 and _max_rel(iwae[r], i.double()) <= 1e-5, r
+
+
+def _with(spec: RunSpec, **changes) -> RunSpec:
+    """``spec`` with changed settings (``train``, ``eval``, ``test``: dicts of fields)."""
+    s = spec.settings
+    settings = replace(s, **{k: replace(getattr(s, k), **v) for k, v in changes.items()})
+    return replace(spec, settings=settings)
+
+
+def _alone(tmp_path, spec: RunSpec) -> dict:
+    run(spec.model, spec.estimator, spec.splits, spec.settings, spec.out_dir, spec.hparams)
+    return _results(spec.out_dir)
+
+
+def _spy(monkeypatch, module, name: str, calls: list) -> None:
+    real = getattr(module, name)
+
+    def spy(models, *args, **kwargs):
+        calls.append(models.size)
+        return real(models, *args, **kwargs)
+    monkeypatch.setattr(module, name, spy)
+
+
+def _refuse(monkeypatch, module, name: str) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name}: a run of the group was evaluated on its own")
+    monkeypatch.setattr(module, name, refuse)
+
+
+def _assert_measurements_equal(g: dict, a: dict, what: str) -> None:
+    keys = [k for k in a["metrics"] if k.split("/")[0] in ("bounds", "test", "best") and k != "bounds/train/elbo"]
+    assert any(k.startswith("test/") for k in keys) and "bounds/valid/iwae5" in keys
+    assert "bounds/train/iwae5" in keys
+    for k in keys:
+        x, y = g["metrics"][k], a["metrics"][k]
+        assert abs(x - y) <= 1e-10 * max(1.0, abs(y)), f"{what}: {k} {x!r} != {y!r}"
+
+
+@pytest.mark.parametrize("name", ["nvil", "marginal"])
+def test_group_evaluations_and_tests_are_batched(tmp_path, monkeypatch, name):
+    """Three runs as a group: every periodic evaluation (validation and training splits) and the final test
+    of their best models run as one batched computation of the three (the one-run paths refuse to run), and
+    every valid/, train/ (evaluation), test/ and best/ metric equals the standalone run's to 1e-10."""
+    runs = [(0, 3e-3), (1, 1e-2), (2, 1e-3)]
+    evals, tests = [], []
+    _spy(monkeypatch, jobs_module, "evaluate_replicas", evals)
+    _spy(monkeypatch, train_module, "evaluate_test_replicas", tests)
+    _refuse(monkeypatch, jobs_module, "evaluate")
+    _refuse(monkeypatch, train_module, "evaluate_test")
+    out = run_group([_spec(tmp_path / "group", name, s, lr) for s, lr in runs])
+    assert all(not isinstance(r, BaseException) for r in out), out
+    assert evals == [3] * 4 and tests == [3]          # steps 10 and 20, valid and train; one final test
+    monkeypatch.undo()
+    for s, lr in runs:
+        a = _alone(tmp_path, _spec(tmp_path / "alone", name, s, lr))
+        g = _results(tmp_path / "group" / f"{name}-seed{s}-lr{lr}")
+        _assert_measurements_equal(g, a, f"{name} seed {s}")
+
+
+def test_group_evaluations_batch_the_runs_that_share_them(tmp_path, monkeypatch):
+    """Runs of a group whose measurements differ: run 2 has its own evaluation settings and stops at step 10
+    (evaluated and tested alone, as a standalone run), runs 0 and 1 are evaluated together at steps 10 and 20
+    and tested together at step 20; run 3 has its own test settings (tested alone). Every measurement equals
+    the standalone run's to 1e-10."""
+    def specs(folder):
+        return [_spec(folder, "nvil", 0, 3e-3), _spec(folder, "nvil", 1, 1e-2),
+                _with(_spec(folder, "nvil", 2, 1e-3), train={"max_steps": 10}, eval={"seed": 99}),
+                _with(_spec(folder, "nvil", 3, 1e-3), test={"iwae_k": 12})]
+    evals, tests, alone = [], [], []
+    _spy(monkeypatch, jobs_module, "evaluate_replicas", evals)
+    _spy(monkeypatch, train_module, "evaluate_test_replicas", tests)
+    real = jobs_module.evaluate
+    monkeypatch.setattr(jobs_module, "evaluate", lambda *a, **k: alone.append(a[3]) or real(*a, **k))
+    out = run_group(specs(tmp_path / "group"))
+    assert all(not isinstance(r, BaseException) for r in out), out
+    assert evals == [3, 3, 3, 3] and tests == [2] and alone == ["valid", "train"]
+    monkeypatch.undo()
+    for i, spec in enumerate(specs(tmp_path / "alone")):
+        a = _alone(tmp_path, spec)
+        _assert_measurements_equal(_results(tmp_path / "group" / spec.out_dir.name), a, f"run {i}")
