@@ -39,7 +39,7 @@ from sbn_train.data import Splits, load_dataset  # noqa: E402
 from sbn_train.estimators import estimator_from_config  # noqa: E402
 from sbn_train.evaluation import measure_variance  # noqa: E402
 from sbn_train.jobs import EvaluateAndCheckpoint  # noqa: E402
-from sbn_train.models import SBN  # noqa: E402
+from sbn_train.models import SBN, build_model  # noqa: E402
 from sbn_train.paths import config_dir  # noqa: E402
 from sbn_train.state import TrainState, load_checkpoint  # noqa: E402
 from sbn_train.train import TrainStep, evaluate_test  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}; overrides: {' '.join(args.overrides) or '(none: the defaults)'}")
     splits = load_dataset(**data_cfg) if args.data == "mnist" else random_splits(10000)
     torch.manual_seed(cfg.seed)
-    model = SBN(splits.train.shape[1], cfg.model.latent_sizes, cfg.model.n_hidden, x_mean=splits.train.mean(0))
+    model = build_model(cfg.model, splits.train.shape[1], x_mean=splits.train.mean(0))
     if args.checkpoint:
         model.load_state_dict(load_checkpoint(Path(args.checkpoint), torch.device("cpu"))["model"])
     estimator = estimator_from_config(est_cfg, model)

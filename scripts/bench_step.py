@@ -177,11 +177,11 @@ def eval_replicas(args, device, images) -> None:
     rs = [int(v) for v in args.eval_replicas.split(",")]
     data = images[:args.eval_rows]
     for model_name in args.models.split(","):
-        sizes, n_hidden = model_spec(model_name)
+        sizes, spec = model_spec(model_name)
         models = []
         for i in range(max(rs)):
             torch.manual_seed(i + 1)
-            models.append(SBN(images.shape[1], sizes, n_hidden, x_mean=images.mean(0).cpu()).to(device))
+            models.append(new_model(images, sizes, spec).to(device))
         print(f"\n## {model_name} (latent {sizes}), {len(data)} rows, {device}, threads {torch.get_num_threads()}, "
               f"load average {os.getloadavg()[0]:.2f} at the start")
         for phase, (batch, samples, k, max_rows) in phases.items():
