@@ -25,7 +25,8 @@ from .data import Splits
 from .estimators import Estimate, Estimator
 from .evaluation import ReplicaModels, logged_views, replica_split_bounds, split_bounds, summarize
 from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, GroupEvaluations, GroupProbes, Images, Job,
-                   LogTraining, StepClock, VarianceProbe, evaluate, initial_elbo, partition, same_architecture, same_data)
+                   LogTraining, StepClock, VarianceProbe, evaluate, initial_elbo, partition, same_architecture,
+                   same_data)
 from .models import SBN
 from .progress import Progress, training_progress
 from .lock import FolderBusy, RunLock

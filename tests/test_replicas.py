@@ -456,3 +456,31 @@ def test_group_variance_probes_batch_the_runs_that_share_them(tmp_path, monkeypa
         a = _alone(tmp_path, spec)
         _assert_probes_equal(_results(tmp_path / "group" / spec.out_dir.relative_to(tmp_path / "alone")), a,
                              f"run {i}", views)
+
+
+@pytest.mark.parametrize("name", available_estimators())
+def test_replica_probe_equals_standalone_probe(name):
+    """Every estimator: the batched probe of replicas 2 and 0 of a vectorized group (after a step, so that
+    moving averages and optimizer statistics are not at their start) equals each run's own probe to 1e-10,
+    and leaves the group's tensors, the replicas' generators and their estimators' modes as they were."""
+    from sbn_train.evaluation import measure_variance, measure_variance_replicas
+    torch.set_default_dtype(torch.float64)
+    try:
+        states = [_state(name, *run) for run in RUNS]
+        group = ReplicaGroup(states, vectorize=True)
+        group.step()
+        before = {n: t.clone() for n, t in {**group.params, **group.buffers}.items()}
+        gens = [s.generator.get_state() for s in states]
+        views, data = ["minibatch", "latent"], states[0].sampler.data
+        batched = measure_variance_replicas(group, [2, 0], data, B, 4, [11, 12], views, fixed_seeds=[5, 6])
+        for r, seed, fixed, got in zip([2, 0], [11, 12], [5, 6], batched):
+            alone = measure_variance(states[r].model, states[r].estimator, data, B, 4, seed, views,
+                                     fixed_seed=fixed)
+            assert list(got) == list(alone) and "grad_var_latent/inference" in got
+            for k in alone:
+                assert abs(got[k] - alone[k]) <= 1e-10 * max(1.0, abs(alone[k])), (r, k, got[k], alone[k])
+        assert all(t.equal(before[n]) for n, t in {**group.params, **group.buffers}.items())
+        assert all(s.generator.get_state().equal(g) for s, g in zip(states, gens))
+        assert all(s.estimator.training for s in states) and group.template.training
+    finally:
+        torch.set_default_dtype(torch.float32)
