@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import VARIANCE_VIEWS, VarianceConfig
 from .data import binarize, eval_batches
-from .diagnostics import exact_gradient_by_parameter, gradient_moments
+from .diagnostics import Welford, exact_gradient_by_parameter, gradient_moments
 from .metrics import log10_tag
 from .estimators import Estimator
 from .models import EVAL_BLOCK_ROWS, SBN, UniformTape
@@ -262,7 +262,21 @@ def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size:
         batches = (x.to(dtype) for x in fresh_minibatches(data, batch_size, samples, gen))
         m = gradient_moments(model, estimator, batches, gen, parameter_groups(model, "grad_var"))
         out.update({k: v["var"] for k, v in m.items()})
-    exact = "exact" in views and model.n_configurations <= 2 ** exact_max_latents
+    out.update(_fixed_views(model, estimator, data, batch_size, samples, seed, views, exact_max_latents,
+                            fixed_seed))
+    return with_log10(out)
+
+
+def _exact_applies(model: SBN, views: Sequence[str], exact_max_latents: int) -> bool:
+    return "exact" in views and model.n_configurations <= 2 ** exact_max_latents
+
+
+def _fixed_views(model: SBN, estimator: Estimator, data: Tensor, batch_size: int, samples: int, seed: int,
+                 views: Sequence[str], exact_max_latents: int, fixed_seed: int) -> dict[str, float]:
+    """The ``latent`` and ``exact`` views of :func:`measure_variance` (without log10 values)."""
+    dtype = model.prior_logits.dtype
+    out: dict[str, float] = {}
+    exact = _exact_applies(model, views, exact_max_latents)
     if "latent" in views or exact:
         x = fixed_minibatch(data, batch_size, fixed_seed).to(dtype)
         reference = exact_gradient_by_parameter(model, x) if exact else None
@@ -276,4 +290,60 @@ def measure_variance(model: SBN, estimator: Estimator, data: Tensor, batch_size:
             if exact:
                 out[f"grad_bias/{group}"] = v["bias"]
                 out[f"grad_mse/{group}"] = v["mse"]
-    return with_log10(out)
+    return out
+
+
+def _replica_moments(group, rows: list[int], gens: list[torch.Generator], batches, samples: int,
+                     params: dict[str, list[nn.Parameter]]) -> list[dict[str, float]]:
+    """:func:`~sbn_train.diagnostics.gradient_moments` (the variances only) of the replicas ``rows`` of
+    ``group``, ``samples`` estimates each, from one vmapped gradient per estimate: replica ``rows[i]`` draws
+    its minibatch (``batches(i)``) and then its estimator's uniforms (in eval mode) from ``gens[i]``, as its
+    standalone probe draws them. Per-replica Welford statistics ``[k, N]``, element by element the
+    arithmetic of :class:`~sbn_train.diagnostics.Welford`."""
+    model = group.states[rows[0]].model
+    names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
+    groups = {g: [names[id(p)] for p in ps] for g, ps in params.items()}
+    stats = {g: Welford() for g in groups}
+    for _ in range(samples):
+        xs = torch.stack([batches(i) for i in range(len(rows))])
+        grads = group.probe_gradients(rows, xs, group.probe_uniforms(rows, gens, xs.shape[1]))
+        for g, ns in groups.items():
+            stats[g].add(torch.cat([grads[n].reshape(len(rows), -1) for n in ns], dim=1))
+    out = []
+    for i in range(len(rows)):
+        out.append({g: float(s.variance()[i].mean()) for g, s in stats.items()})
+    return out
+
+
+def measure_variance_replicas(group, rows: list[int], data: Tensor, batch_size: int, samples: int,
+                              seeds: list[int], views: Sequence[str] = VARIANCE_VIEWS, exact_max_latents: int = 12,
+                              fixed_seeds: list[int] | None = None) -> list[dict[str, float]]:
+    """:func:`measure_variance` of the replicas ``rows`` of a vectorized
+    :class:`~sbn_train.replicas.ReplicaGroup` (replica ``rows[i]`` with ``seeds[i]`` and ``fixed_seeds[i]``),
+    one dict per row. The ``minibatch`` and ``latent`` views run as one vmapped gradient of the replicas per
+    estimate, each fed with its own probe streams (:func:`_replica_moments`); the ``exact`` view (tiny models)
+    runs per replica, with the ``latent`` view that shares its estimates. Each value equals the standalone
+    probe's up to float rounding (the replicas' matrix products are batched)."""
+    fixed_seeds = list(fixed_seeds) if fixed_seeds is not None else [0] * len(rows)
+    states = [group.states[r] for r in rows]
+    model = states[0].model
+    dtype = model.prior_logits.dtype
+    outs: list[dict[str, float]] = [{} for _ in rows]
+    if "minibatch" in views:
+        gens = [torch.Generator(device=data.device).manual_seed(s) for s in seeds]
+        streams = [fresh_minibatches(data, batch_size, samples, g) for g in gens]
+        m = _replica_moments(group, rows, gens, lambda i: next(streams[i]).to(dtype), samples,
+                             parameter_groups(model, "grad_var"))
+        for o, v in zip(outs, m):
+            o.update(v)
+    if _exact_applies(model, views, exact_max_latents):
+        for o, s, seed, fixed in zip(outs, states, seeds, fixed_seeds):
+            o.update(_fixed_views(s.model, s.estimator, data, batch_size, samples, seed,
+                                  [v for v in views if v != "minibatch"], exact_max_latents, fixed))
+    elif "latent" in views:
+        xs = [fixed_minibatch(data, batch_size, f).to(dtype) for f in fixed_seeds]
+        gens = [torch.Generator(device=data.device).manual_seed(s + 1) for s in seeds]
+        m = _replica_moments(group, rows, gens, lambda i: xs[i], samples, parameter_groups(model, "view"))
+        for o, v in zip(outs, m):
+            o.update({f"grad_var_latent/{name.split('/', 1)[1]}": var for name, var in v.items()})
+    return [with_log10(o) for o in outs]

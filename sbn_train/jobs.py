@@ -17,7 +17,8 @@ import torch
 from . import faults, tb
 from .config import EvalConfig, VarianceConfig
 from .data import Splits, eval_batches
-from .evaluation import ReplicaModels, measure_variance, replica_split_bounds, split_bounds, summarize
+from .evaluation import (ReplicaModels, measure_variance, measure_variance_replicas, replica_split_bounds,
+                         split_bounds, summarize)
 from .metrics import bounds_prefix, in_tensorboard
 from .models import SBN
 from .progress import Progress, phase
@@ -130,23 +131,81 @@ class LogTraining(Job):
 class VarianceProbe(Job):
     """The gradient-variance probe (:func:`sbn_train.evaluation.measure_variance`), on its own streams.
 
-    In a replica group each run's probe still runs on its own (unlike the evaluation): it runs the estimator
-    forward and backward ``variance.samples`` times per view on the run's own minibatches, so batching it means
-    the group's vmapped gradient (``ReplicaGroup.gradients``) with each run's probe streams and the draws of
-    the estimator in eval mode, computed for every replica of the group (runs whose probe is not due
-    included), with the exact view per run anyway; on a CPU the groups of ``marginal`` and ``leg`` take turns
-    replica by replica regardless."""
+    In a replica group, ``batch`` (a :class:`GroupProbes`) measures the probes of the group's runs that are due
+    at the same step with the same settings together: the ``minibatch`` and ``latent`` views as one vmapped
+    gradient of those replicas per estimate (``ReplicaGroup.probe_gradients``), each replica fed with its own
+    probe streams (its minibatches, then its estimator's uniforms in eval mode, from its probe generator in the
+    standalone order) and with per-replica Welford statistics
+    (:func:`sbn_train.evaluation.measure_variance_replicas`); the ``exact`` view (tiny models) runs per run, with
+    the ``latent`` view that shares its estimates. A group that is not vectorized (``marginal`` and ``leg`` on a
+    CPU take turns replica by replica) and a run alone in its class probe as a standalone run does."""
 
     def __init__(self, cfg: VarianceConfig, data: torch.Tensor, batch_size: int, seed: int):
         self.every, self.cfg, self.data, self.batch_size, self.seed = cfg.every, cfg, data, batch_size, seed
+        self.batch: GroupProbes | None = None
+
+    def probe_seed(self, step: int) -> int:
+        return (self.seed * 1_000_003 + step) % (2 ** 31)
+
+    def measure(self, ctx: Context, step: int) -> dict[str, float]:
+        """This run's probe on its own."""
+        return measure_variance(ctx.state.model, ctx.state.estimator, self.data, self.batch_size, self.cfg.samples,
+                                seed=self.probe_seed(step), views=self.cfg.views,
+                                exact_max_latents=self.cfg.exact_max_latents, fixed_seed=self.seed)
+
+    def shares_work(self, other: "VarianceProbe") -> bool:
+        """Whether ``other``'s probe is computed as this job's is: the same settings, batch size and data."""
+        return self.cfg == other.cfg and self.batch_size == other.batch_size and same_data(self.data, other.data)
 
     def __call__(self, ctx: Context, step: int) -> None:
         with phase("variance probe", f"M = {self.cfg.samples:,} estimates per view ({', '.join(self.cfg.views)})"):
-            v = measure_variance(ctx.state.model, ctx.state.estimator, self.data, self.batch_size, self.cfg.samples,
-                                 seed=(self.seed * 1_000_003 + step) % (2 ** 31), views=self.cfg.views,
-                                 exact_max_latents=self.cfg.exact_max_latents, fixed_seed=self.seed)
+            v = self.batch.values(self, ctx, step) if self.batch is not None else self.measure(ctx, step)
         ctx.log(v, step)
         ctx.measured()
+
+
+class GroupProbes:
+    """The variance probes of a replica group's runs, batched over the runs (as :class:`GroupEvaluations`
+    batches their evaluations).
+
+    ``holder[0]`` is the current :class:`~sbn_train.replicas.ReplicaGroup` (None before the first step).
+    Before a group's jobs run after a step, :meth:`start` sets the runs (their probe job and :class:`Context`)
+    whose probe is due. The first of them to run its probe measures, at once, every member whose job
+    :meth:`~VarianceProbe.shares_work` with it, whose state is a replica of the group and whose model has the
+    same architecture; the others take their values when their own job runs. A run alone in its class, and
+    every run of a group that is not vectorized, probes as a standalone run does. The replicas' tensors are
+    read when the first probe runs: the jobs before a run's probe do not change them."""
+
+    def __init__(self, holder: list):
+        self.holder = holder
+        self.members: list[tuple[VarianceProbe, Context]] = []
+        self.ready: dict[int, dict[str, float]] = {}
+
+    def start(self, members: list[tuple[VarianceProbe, Context]]) -> None:
+        self.members, self.ready = list(members), {}
+
+    def values(self, job: VarianceProbe, ctx: Context, step: int) -> dict[str, float]:
+        if id(job) not in self.ready:
+            self._measure(job, ctx, step)
+        return self.ready.pop(id(job))
+
+    def _measure(self, job: VarianceProbe, ctx: Context, step: int) -> None:
+        group = self.holder[0]
+        states = [] if group is None or not group.vectorize else group.states
+        mine = [(j, c) for j, c in self.members if j is not job and id(j) not in self.ready
+                and c.state.step == step and j.shares_work(job) and any(c.state is s for s in states)
+                and same_architecture(c.state.model, ctx.state.model)]
+        if not mine or not any(ctx.state is s for s in states):
+            self.ready[id(job)] = job.measure(ctx, step)
+            return
+        together = [(job, ctx)] + mine
+        rows = [next(r for r, s in enumerate(states) if s is c.state) for _, c in together]
+        cfg = job.cfg
+        values = measure_variance_replicas(group, rows, job.data, job.batch_size, cfg.samples,
+                                           [j.probe_seed(step) for j, _ in together], cfg.views,
+                                           cfg.exact_max_latents, [j.seed for j, _ in together])
+        for (j, _), v in zip(together, values):
+            self.ready[id(j)] = v
 
 
 class Images(Job):

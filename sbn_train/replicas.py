@@ -219,6 +219,7 @@ class ReplicaGroup:
         for r, s in enumerate(states):
             s.elbo_sum = self.elbo_sum[r]
         self.draw_batches = self._record_draws()
+        self._probe_draws: dict[int, list[int]] = {}
         self._grads = vmap(self._replica_grads) if self.vectorize else self._looped_grads
         self.last_metrics: dict[str, Tensor] = {}
 
@@ -266,6 +267,56 @@ class ReplicaGroup:
         for s in self.states:
             s.estimator.train(train)
         return self._grads(self.params, self.frozen, self.buffers, xs, draws)
+
+    def probe_draws(self, batch_size: int) -> list[int]:
+        """The batch sizes of the estimator's ``draw_uniforms`` calls of one estimate in eval mode (the variance
+        probe's) on ``batch_size`` rows, recorded as :meth:`_record_draws` records a step's (cached)."""
+        cache = self._probe_draws
+        if batch_size not in cache:
+            first = self.states[0]
+            model, est = copy.deepcopy(first.model), copy.deepcopy(first.estimator)
+            est.eval()
+            recorder = DrawRecorder(torch.Generator(device=self.device).manual_seed(0))
+            x = torch.zeros(batch_size, first.sampler.data.shape[1], device=self.device,
+                            dtype=first.model.prior_logits.dtype)
+            est(model, x, recorder)
+            cache[batch_size] = list(recorder.batches)
+        return cache[batch_size]
+
+    def probe_uniforms(self, rows: list[int], generators: list[torch.Generator], batch_size: int) -> list[Tensor]:
+        """One eval-mode estimate's uniforms of the replicas ``rows``, replica ``rows[i]``'s from
+        ``generators[i]`` in the order its estimator draws them, per draw and layer ``[k, n, H_l]``."""
+        per_replica = []
+        for r, gen in zip(rows, generators):
+            model, mine = self.states[r].model, []
+            for n in self.probe_draws(batch_size):
+                mine += model.draw_uniforms(n, gen, self.device, model.prior_logits.dtype)
+            per_replica.append(mine)
+        return [torch.stack(col) for col in zip(*per_replica)]
+
+    def probe_gradients(self, rows: list[int], xs: Tensor, draws: list[Tensor]) -> dict[str, Tensor]:
+        """The model gradients ``{name: [k, ...]}`` of the surrogates of the replicas ``rows`` (a vectorized
+        group) at their minibatches ``xs`` ``[k, B, D]`` and uniforms ``draws``, the estimators in eval mode (no
+        state updates, no optimizer step; the modes are restored)."""
+        if not self.vectorize:
+            raise RuntimeError("probe_gradients needs a vectorized replica group")
+        modes = [s.estimator.training for s in self.states]
+        template_mode = self.template.training
+        idx = None if list(rows) == list(range(self.size)) else torch.tensor(rows, device=self.device)
+
+        def pick(stacks: dict) -> dict:
+            return stacks if idx is None else {n: t.index_select(0, idx) for n, t in stacks.items()}
+
+        try:
+            self.template.train(False)
+            for s in self.states:
+                s.estimator.train(False)
+            g_model = self._grads(pick(self.params), pick(self.frozen), pick(self.buffers), xs, draws)[0]
+        finally:
+            self.template.train(template_mode)
+            for s, mode in zip(self.states, modes):
+                s.estimator.train(mode)
+        return g_model
 
     def _replica_grads(self, params: dict, frozen: dict, buffers: dict, x: Tensor, draws: list[Tensor]):
         model_p = {n: params[n] for n in self.model_names}

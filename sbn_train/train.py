@@ -24,8 +24,9 @@ from .config import EvalConfig, OptimConfig, TestConfig, TrainConfig, VarianceCo
 from .data import Splits
 from .estimators import Estimate, Estimator
 from .evaluation import ReplicaModels, logged_views, replica_split_bounds, split_bounds, summarize
-from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, GroupEvaluations, Images, Job, LogTraining,
-                   StepClock, VarianceProbe, evaluate, initial_elbo, partition, same_architecture, same_data)
+from .jobs import (BEST, CHECKPOINT, Context, EvaluateAndCheckpoint, GroupEvaluations, GroupProbes, Images, Job,
+                   LogTraining, StepClock, VarianceProbe, evaluate, initial_elbo, partition, same_architecture,
+                   same_data)
 from .models import SBN
 from .progress import Progress, training_progress
 from .lock import FolderBusy, RunLock
@@ -552,12 +553,12 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
         live.clear()
         return
     holder: list = [None]
-    evaluations = GroupEvaluations()
+    evaluations, probes = GroupEvaluations(), GroupProbes(holder)
     for s in live:
         s.start(_ReplicaStep(holder, s.state))
         for job in s.jobs:
-            if isinstance(job, EvaluateAndCheckpoint):
-                job.batch = evaluations
+            if isinstance(job, (EvaluateAndCheckpoint, VarianceProbe)):
+                job.batch = evaluations if isinstance(job, EvaluateAndCheckpoint) else probes
 
     def leave(session: RunSession, outcome) -> None:
         results[slot[id(session)]] = outcome
@@ -588,6 +589,8 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
     def run_jobs(sessions: list[RunSession]) -> None:
         evaluations.start([(job, session.ctx) for session in sessions for job in due(session, session.state.step)
                            if isinstance(job, EvaluateAndCheckpoint)])
+        probes.start([(job, session.ctx) for session in sessions for job in due(session, session.state.step)
+                      if isinstance(job, VarianceProbe)])
         for k, session in enumerate(list(sessions)):
             state = session.state
             jobs = due(session, state.step)

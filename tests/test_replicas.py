@@ -392,3 +392,95 @@ def test_group_evaluations_batch_the_runs_that_share_them(tmp_path, monkeypatch)
     for i, spec in enumerate(specs(tmp_path / "alone")):
         a = _alone(tmp_path, spec)
         _assert_measurements_equal(_results(tmp_path / "group" / spec.out_dir.name), a, f"run {i}")
+
+
+def _assert_probes_equal(g: dict, a: dict, what: str, views: list[str]) -> None:
+    keys = [k for k in a["metrics"] if k.startswith("grad_")]
+    assert keys == [k for k in g["metrics"] if k.startswith("grad_")], what
+    assert "grad_var/inference" in keys and "grad_var_latent/generative" in keys
+    assert ("grad_bias/inference" in keys) == ("exact" in views)
+    for k in keys:
+        x, y = g["metrics"][k], a["metrics"][k]
+        assert abs(x - y) <= 1e-10 * max(1.0, abs(y)), f"{what}: {k} {x!r} != {y!r}"
+
+
+@pytest.mark.parametrize("views", [["minibatch", "latent"], ["minibatch", "latent", "exact"]])
+def test_group_variance_probes_are_batched(tmp_path, monkeypatch, views):
+    """Three runs as a group (nvil, vectorized): every variance probe runs as one batched computation of the
+    three (the one-run probe refuses to run; the exact view runs per run, with the latent view it shares
+    estimates with), and every grad_* value equals the standalone run's to 1e-10."""
+    runs = [(0, 3e-3), (1, 1e-2), (2, 1e-3)]
+
+    def spec(folder, s, lr):
+        return _with(_spec(folder, "nvil", s, lr), variance={"views": list(views)})
+    probes = []
+    real = jobs_module.measure_variance_replicas
+    monkeypatch.setattr(jobs_module, "measure_variance_replicas",
+                        lambda group, rows, *a, **k: probes.append(len(rows)) or real(group, rows, *a, **k))
+    _refuse(monkeypatch, jobs_module, "measure_variance")
+    out = run_group([spec(tmp_path / "group", s, lr) for s, lr in runs])
+    assert all(not isinstance(r, BaseException) for r in out), out
+    assert probes == [3, 3]                            # steps 10 and 20
+    monkeypatch.undo()
+    for s, lr in runs:
+        a = _alone(tmp_path, spec(tmp_path / "alone", s, lr))
+        _assert_probes_equal(_results(tmp_path / "group" / f"nvil-seed{s}-lr{lr}"), a, f"seed {s}", views)
+
+
+def test_group_variance_probes_batch_the_runs_that_share_them(tmp_path, monkeypatch):
+    """Runs 0 and 2 of a group probe together (replicas 0 and 2 of the group's vmapped gradient), run 1 has
+    its own probe settings and probes alone, as a standalone run; a group of marginal runs on a CPU (not
+    vectorized) probes run by run. Every grad_* value equals the standalone run's to 1e-10."""
+    views = ["minibatch", "latent"]
+
+    def specs(folder):
+        return [_with(_spec(folder, "nvil", 0, 3e-3), variance={"views": views}),
+                _with(_spec(folder, "nvil", 1, 1e-2), variance={"views": views, "samples": 4}),
+                _with(_spec(folder, "nvil", 2, 1e-3), variance={"views": views}),
+                _with(_spec(folder / "marginal", "marginal", 3, 1e-3), variance={"views": views})]
+    probes, alone = [], []
+    real, real_alone = jobs_module.measure_variance_replicas, jobs_module.measure_variance
+    monkeypatch.setattr(jobs_module, "measure_variance_replicas",
+                        lambda group, rows, *a, **k: probes.append(list(rows)) or real(group, rows, *a, **k))
+    monkeypatch.setattr(jobs_module, "measure_variance",
+                        lambda *a, **k: alone.append(a[4]) or real_alone(*a, **k))
+    out = run_group(specs(tmp_path / "group")[:3])
+    assert all(not isinstance(r, BaseException) for r in out), out
+    assert probes == [[0, 2], [0, 2]] and alone == [4, 4]
+    other = _with(_spec(tmp_path / "group" / "marginal", "marginal", 4, 1e-2), variance={"views": views})
+    out = run_group([specs(tmp_path / "group")[3], other])
+    assert all(not isinstance(r, BaseException) for r in out), out
+    assert probes == [[0, 2], [0, 2]] and alone == [4, 4] + [3] * 4
+    monkeypatch.undo()
+    for i, spec in enumerate(specs(tmp_path / "alone")):
+        a = _alone(tmp_path, spec)
+        _assert_probes_equal(_results(tmp_path / "group" / spec.out_dir.relative_to(tmp_path / "alone")), a,
+                             f"run {i}", views)
+
+
+@pytest.mark.parametrize("name", available_estimators())
+def test_replica_probe_equals_standalone_probe(name):
+    """Every estimator: the batched probe of replicas 2 and 0 of a vectorized group (after a step, so that
+    moving averages and optimizer statistics are not at their start) equals each run's own probe to 1e-10,
+    and leaves the group's tensors, the replicas' generators and their estimators' modes as they were."""
+    from sbn_train.evaluation import measure_variance, measure_variance_replicas
+    torch.set_default_dtype(torch.float64)
+    try:
+        states = [_state(name, *run) for run in RUNS]
+        group = ReplicaGroup(states, vectorize=True)
+        group.step()
+        before = {n: t.clone() for n, t in {**group.params, **group.buffers}.items()}
+        gens = [s.generator.get_state() for s in states]
+        views, data = ["minibatch", "latent"], states[0].sampler.data
+        batched = measure_variance_replicas(group, [2, 0], data, B, 4, [11, 12], views, fixed_seeds=[5, 6])
+        for r, seed, fixed, got in zip([2, 0], [11, 12], [5, 6], batched):
+            alone = measure_variance(states[r].model, states[r].estimator, data, B, 4, seed, views,
+                                     fixed_seed=fixed)
+            assert list(got) == list(alone) and "grad_var_latent/inference" in got
+            for k in alone:
+                assert abs(got[k] - alone[k]) <= 1e-10 * max(1.0, abs(alone[k])), (r, k, got[k], alone[k])
+        assert all(t.equal(before[n]) for n, t in {**group.params, **group.buffers}.items())
+        assert all(s.generator.get_state().equal(g) for s, g in zip(states, gens))
+        assert all(s.estimator.training for s in states) and group.template.training
+    finally:
+        torch.set_default_dtype(torch.float32)
