@@ -131,7 +131,7 @@ def test_bench_phases_prints_projection_and_floor_ratio():
     (["optim.beta2=1.5"], "optim.beta2 must be in [0, 1), got 1.5"),
     (["estimator=nope"], "Could not find 'estimator/nope' (options: arm, disarm"),
     (["estimator=margnal"], "Could not find 'estimator/margnal'; did you mean marginal? (options: arm, disarm"),
-    (["model=sbn_2layers"], "Could not find 'model/sbn_2layers'; did you mean sbn_2layer? (options: sbn_1layer"),
+    (["model=sbn_2layers"], "Could not find 'model/sbn_2layers'; did you mean sbn_2layer? (options: categorical_1layer, categorical_2layer, categorical_vae, sbn_1layer"),
 ])
 def test_config_errors_one_line_exit_2_no_folder(tmp_path, args, message):
     r = sbn_train(*TINY, *args, cwd=tmp_path)
@@ -236,7 +236,9 @@ def test_help_is_about_sbn_train():
         assert hidden not in r.stdout, hidden
     groups = dict(re.findall(r"^  (\w+)=\s+(.*)$", r.stdout, re.M))
     assert "marginal" in groups["estimator"] and groups["optim"] == "adam, rmsprop", groups
-    assert groups["model"] == "sbn_1layer, sbn_2layer, sbn_4layer, sbn_nonlinear"
+    models = re.split(r"^  \w+=", r.stdout.split("  model=", 1)[1], maxsplit=1, flags=re.M)[0]   # may wrap
+    assert " ".join(models.split()) == ("categorical_1layer, categorical_2layer, categorical_vae, sbn_1layer, "
+                                        "sbn_2layer, sbn_4layer, sbn_nonlinear"), models
 
 
 # ----- dashboards ------------------------------------------------------------------------------------
