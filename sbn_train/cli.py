@@ -79,7 +79,7 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
     estimator, and the record of its config that the run writes once its folder is its own); ``data_cache``
     shares the loaded splits between the jobs of a replica group."""
     from .estimators import estimator_from_config
-    from .models import build_model
+    from .models import build_model, family_hparams
     from .train import RunSettings, RunSpec
 
     typed: Config = OmegaConf.to_object(cfg)
@@ -110,8 +110,7 @@ def job_spec(cfg: DictConfig, data_cache: dict | None = None):
                "weight_decay": typed.optim.weight_decay, "batch_size": typed.train.batch_size,
                "max_steps": typed.train.max_steps, "latent_sizes": str(typed.model.latent_sizes),
                "n_hidden": typed.model.n_hidden, "seed": typed.seed}
-    if typed.model.family != "bernoulli":
-        hparams.update(family=typed.model.family, classes=typed.model.classes)
+    hparams.update(family_hparams(typed.model))
     log_test_cost(typed, splits)
     settings = RunSettings(train=typed.train, optim=typed.optim, eval=typed.eval, variance=typed.variance,
                            test=typed.test, seed=typed.seed)

@@ -460,6 +460,15 @@ class SBN(nn.Module):
         return total - math.log(k)
 
 
+def family_hparams(model_cfg) -> dict:
+    """The HParams a model config adds for its latent family: none for binary units (as before families),
+    ``family`` and ``classes`` for categorical ones. (Kept out of cli.py: a task function that joblib or
+    submitit pickles by value must not read an attribute named like a submodule of torch, e.g. ``classes``.)"""
+    if model_cfg.family == "bernoulli":
+        return {}
+    return {"family": model_cfg.family, "classes": int(model_cfg.classes)}
+
+
 def build_model(model_cfg, x_dim: int, x_mean: Tensor | None = None) -> SBN:
     """The :class:`SBN` a ``model`` config section (:class:`sbn_train.config.ModelConfig`) describes."""
     return SBN(x_dim, list(model_cfg.latent_sizes), int(model_cfg.n_hidden), x_mean=x_mean,

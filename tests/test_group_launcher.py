@@ -138,3 +138,19 @@ def test_a_preempted_group_is_requeued_and_resumes_every_run_exactly(basic, tmp_
     for a, b in zip(runs(basic), runs(folder)):
         assert json.loads((b / "results.json").read_text())["step"] == 30
         assert_same(record(a), record(b), a.name)
+
+
+def test_cli_task_function_pickles_by_value():
+    """joblib's and submitit's workers receive the CLI's task function pickled by value (the CLI runs as
+    ``__main__``): every function of sbn_train.cli must pickle that way (an attribute named like a submodule of
+    a module the code uses, e.g. ``.classes`` with torch, makes cloudpickle try to pickle ``torch.classes``)."""
+    import inspect
+    import cloudpickle
+    import sbn_train.cli as cli
+    cloudpickle.register_pickle_by_value(cli)
+    try:
+        for name, f in inspect.getmembers(cli, inspect.isfunction):
+            if f.__module__ == cli.__name__:
+                cloudpickle.dumps(f)
+    finally:
+        cloudpickle.unregister_pickle_by_value(cli)
