@@ -611,12 +611,24 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
             except RunError as e:             # e.g. this run diverged: it stops alone
                 leave(session, e)
 
+    group = step_group = None
+
+    def current_group():
+        """The group of the live runs (built again when one has left), and its step (graphed on CUDA)."""
+        nonlocal group, step_group
+        if group is None or group.states != [s.state for s in live]:
+            group = holder[0] = ReplicaGroup([s.state for s in live])
+            graph = live[0].spec.settings.train.cuda_graph
+            step_group = GraphedGroup(group) if group.device.type == "cuda" and graph is not False else group.step
+        return group, step_group
+
     pending = [s for s in live if s.state.jobs_pending]
     for s in pending:
         s.state.jobs_pending = False
+    if pending:
+        current_group()      # a resume's pending probes are measured batched, as the uninterrupted group measured them
     run_jobs(pending)
     last_save = time.monotonic()
-    group = None
     while live:
         finishing = [s for s in live if s.state.step >= s.spec.settings.train.max_steps]
         tests = GroupTests(finishing)
@@ -632,10 +644,7 @@ def _group_loop(live: list[RunSession], stop: StopSignals, results: list, index:
             group = None
         if not live:
             break
-        if group is None or group.states != [s.state for s in live]:
-            group = holder[0] = ReplicaGroup([s.state for s in live])
-            graph = live[0].spec.settings.train.cuda_graph
-            step_group = GraphedGroup(group) if group.device.type == "cuda" and graph is not False else group.step
+        _, step_group = current_group()
         faults.point("step", live[0].state.step + 1)
         step_group()
         for session in live:

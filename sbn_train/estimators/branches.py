@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models import SBN, Conditional, bernoulli_log_prob, logit_of_uniform, softplus, threshold
+from ..models import SBN, Conditional, bernoulli_log_prob, softplus
 from .base import DEFAULT_MAX_ELEMENTS
 from .flip_common import on_device_route
 from .marginal_fast import _FlipTable, flip_log_prob_change
