@@ -125,7 +125,13 @@ class Categorical:
 
     def index(self, u: Tensor, logits: Tensor) -> Tensor:
         """The class of each variable, ``[..., H]`` (int64), from uniforms ``[..., H]``."""
-        cdf = torch.softmax(self.blocks(logits), -1).cumsum(-1)[..., :-1]          # [..., H, K-1]
+        return self.index_from_log_probs(u, torch.log_softmax(self.blocks(logits), -1))
+
+    @staticmethod
+    def index_from_log_probs(u: Tensor, log_probs: Tensor) -> Tensor:
+        """:meth:`index` from the blocks' log-probabilities ``[..., H, K]`` (for a caller that needs them too:
+        the same operations, so the same classes)."""
+        cdf = log_probs.exp().cumsum(-1)[..., :-1]                                  # [..., H, K-1]
         return (cdf <= u.unsqueeze(-1)).sum(-1)
 
     def one_hot(self, index: Tensor, dtype) -> Tensor:

@@ -78,7 +78,7 @@ def _above(model: SBN, l: int, z: Tensor, logits: Tensor, noise: list[Tensor],
         log_q = torch.log_softmax(fam.blocks(logits), -1)                   # shared by entropy and sample
         total = total - (log_q.exp() * log_q).sum((-2, -1))
         u = noise[m - 1].expand(*logits.shape[:-1], noise[m - 1].shape[-1])
-        z_next = fam.one_hot((log_q.exp().cumsum(-1)[..., :-1] <= u.unsqueeze(-1)).sum(-1), logits.dtype)
+        z_next = fam.one_hot(fam.index_from_log_probs(u, log_q), logits.dtype)   # as fam.sample draws it
         log_p = torch.log_softmax(fam.blocks(model.p_nets[m - 1](z_next)), -1).flatten(-2)
         if m == l + 1 and moved is not None:
             old, new = moved
