@@ -167,8 +167,11 @@ class ReplicaGroup:
         est = template.estimator
         flip_pass = hasattr(est, "route")
         # vmap needs the flip passes' device route (nothing read back to the host); on a CPU their own route
-        # (exp tables, sparse changes) costs a fraction of it, so there the replicas take turns instead
-        self.vectorize = (not flip_pass or self.device.type != "cpu") if vectorize is None else bool(vectorize)
+        # (exp tables, sparse changes) costs a fraction of it, so there the replicas take turns instead, as they
+        # do for estimators that declare vmap a loss on a CPU (``Estimator.vmap_on_cpu``)
+        on_cpu = self.device.type == "cpu"
+        turns = on_cpu and (flip_pass or not getattr(est, "vmap_on_cpu", True))
+        self.vectorize = (not turns) if vectorize is None else bool(vectorize)
         if self.vectorize and flip_pass:
             est.route = "device"
             if isinstance(getattr(est, "workspace", None), Workspace):

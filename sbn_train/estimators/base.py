@@ -56,6 +56,9 @@ class Estimator(nn.Module):
     #: given the other noise (Tokui & Sato), so its variance is no smaller than the marginal estimator's. Other
     #: control variates (MuProp's, REBAR/RELAX's, the antithetic pairs) are outside that theorem.
     rao_blackwellized_by_marginal: bool = False
+    #: False where a replica group on a CPU is faster taking turns replica by replica than under vmap (measured
+    #: with ``scripts/bench_step.py --replicas 1,4``; on a GPU groups are always vectorized)
+    vmap_on_cpu: bool = True
     #: the latent families (``sbn_train.models.FAMILIES``) the estimator is defined for
     families: tuple[str, ...] = ("bernoulli",)
 

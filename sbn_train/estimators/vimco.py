@@ -45,6 +45,7 @@ class VIMCO(Estimator):
 
     unbiased = False          # not for the ELBO: it estimates the gradient of the K-sample bound
     objective = "iwae"
+    vmap_on_cpu = False       # a CPU group of 4 on sbn_2layer: 0.82x one run vmapped, 1.06x taking turns
     families = ("bernoulli", "categorical")
 
     def __init__(self, model: SBN | None = None, n_samples: int = 5):
