@@ -287,22 +287,10 @@ def _cat_state(name, seed, lr, wd):
 def test_categorical_replica_step_equals_standalone_step(name, vectorize):
     """Two steps of a group of three runs (own seeds, learning rates, weight decay) equal the standalone
     runs' steps (float64, 1e-10), with the replicas vectorized and taking turns."""
-    from sbn_train.replicas import ReplicaGroup
-    from sbn_train.train import TrainStep
-    from test_replicas import RUNS, _assert_close, _tensors
+    from test_replicas import _group_vs_standalone
     torch.set_default_dtype(torch.float64)
     try:
-        alone = [_cat_state(name, *run) for run in RUNS]
-        grouped = [_cat_state(name, *run) for run in RUNS]
-        group = ReplicaGroup(grouped, vectorize=vectorize)
-        for _ in range(2):
-            group.step()
-            for s in alone:
-                s.estimator.train()
-                TrainStep(s)()
-        for r, (a, g) in enumerate(zip(alone, grouped)):
-            _assert_close(_tensors(g), _tensors(a), f"{name} replica {r}")
-            assert g.generator.get_state().equal(a.generator.get_state())
+        _group_vs_standalone(name, steps=2, vectorize=vectorize, make_state=lambda *run: _cat_state(name, *run))
     finally:
         torch.set_default_dtype(torch.float32)
 

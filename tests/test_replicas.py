@@ -54,9 +54,11 @@ def _assert_close(a: dict, b: dict, what: str) -> None:
 
 
 def _group_vs_standalone(name: str, steps: int, optim: str = "rmsprop", n_hidden: int = 0,
-                         vectorize: bool | None = None):
-    alone = [_state(name, *run, optim=optim, n_hidden=n_hidden) for run in RUNS]
-    grouped = [_state(name, *run, optim=optim, n_hidden=n_hidden) for run in RUNS]
+                         vectorize: bool | None = None, make_state=None):
+    """``make_state(seed, lr, wd)``: the runs' states (default: :func:`_state` with ``optim``, ``n_hidden``)."""
+    make = make_state or (lambda *run: _state(name, *run, optim=optim, n_hidden=n_hidden))
+    alone = [make(*run) for run in RUNS]
+    grouped = [make(*run) for run in RUNS]
     group = ReplicaGroup(grouped, vectorize=vectorize)
     assert vectorize is None or group.vectorize == vectorize
     for _ in range(steps):

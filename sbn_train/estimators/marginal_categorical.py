@@ -171,11 +171,12 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
         table_p = _change_table(p_net.first.weight, H, K)
         direct = l == 1 and p_net.is_linear                                  # x . logits by a gathered product
         if direct:
-            x_pre = (x * pre_p).sum(-1)                                      # [B]
             x_table = x @ table_p.T                                          # [B, H*K*(K-1)]
             exp_route = _ExpChange(table_p, pre_p, route)
             if exp_route.usable:
                 first_base = model.log_prob_below(0, x, pre_p)               # [B]
+            else:
+                x_pre = (x * pre_p).sum(-1)                                  # [B]
         if q_net is not None:
             pre_q, table_q = q_net.first(z_l), _change_table(q_net.first.weight, H, K)
         else:
