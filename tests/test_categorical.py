@@ -163,6 +163,71 @@ def test_categorical_deltas_equal_reference(sizes, kw, route):
             assert bool((a[model.family.blocks(z).bool()] == 0).all())               # 0 at the sampled class
 
 
+def _count_paths(monkeypatch):
+    """Counts the CPU linear route's calls: layers it took, layers it handed back (range), alternatives whose
+    re-drawn top layer moved in one variable (the top layer's differences), in several (sums of columns), and
+    scored densely."""
+    import sbn_train.estimators.marginal_categorical as mc
+    calls = {"linear": 0, "handed_back": 0, "one_move": 0, "columns": 0, "dense": 0}
+    layer, one, top, dense = mc._layer_deltas_linear, mc._one_top_move, mc._TopChanges.__call__, mc._changed_dense
+
+    def counted_layer(*a, **k):
+        out = layer(*a, **k)
+        calls["linear" if out is not None else "handed_back"] += 1
+        return out
+
+    def counted_one(weight, K, top_delta, classes, moves, *a):
+        calls["one_move"] += int(moves.sum())
+        return one(weight, K, top_delta, classes, moves, *a)
+
+    def counted_top(self, classes, *a):
+        out = top(self, classes, *a)
+        calls["columns"] += 0 if out is None else classes.shape[0]
+        return out
+
+    def counted_dense(model, l, zs, noise, classes, *a):
+        calls["dense"] += classes.shape[0]
+        return dense(model, l, zs, noise, classes, *a)
+
+    monkeypatch.setattr(mc, "_layer_deltas_linear", counted_layer)
+    monkeypatch.setattr(mc, "_one_top_move", counted_one)
+    monkeypatch.setattr(mc._TopChanges, "__call__", counted_top)
+    monkeypatch.setattr(mc, "_changed_dense", counted_dense)
+    return calls
+
+
+@pytest.mark.parametrize("sizes,kw,scale_top,expect", [
+    ((4, 3), {"classes": 4}, None, {"linear": 2, "one_move": True, "columns": True, "dense": False}),
+    ((3,), {}, None, {"linear": 1}),
+    ((3, 2, 2), {}, None, {"linear": 3, "dense": True}),
+    # the top's generative net far outside exp range: layer 2 hands back (its differences still serve the
+    # one-move rows), and layer 1's rows that moved in several variables go dense
+    ((3, 3), {}, 400.0, {"linear": 1, "handed_back": 1, "one_move": True, "columns": False, "dense": True}),
+    # every net outside the float64 exp range: both layers take the rank-2 route
+    ((3, 2), {"scale": 300.0}, None, {"linear": 0, "handed_back": 2}),
+])
+def test_cpu_linear_route_paths_equal_reference(monkeypatch, sizes, kw, scale_top, expect):
+    """The CPU route for linear nets (:class:`_LinearReader`: every class of a variable from products with
+    exp tables; re-drawn layers' moved rows by the top layer's differences, by sums of columns, or densely;
+    range checks handing a layer back to the rank-2 route) equals the definition at 1e-10 in float64, and
+    each path named in ``expect`` was taken (True: some rows) or not (False, 0)."""
+    model, x = cat_model(sizes, **kw), random_binary(8, 5)
+    if scale_top is not None:
+        with torch.no_grad():
+            model.p_nets[-1].first.weight.mul_(scale_top)
+    s = sample_layers(model, x, torch.Generator().manual_seed(7))
+    ref = categorical_deltas_reference(model, x, s.zs, s.uniforms)
+    calls = _count_paths(monkeypatch)
+    for max_elements in (1, 1 << 20):
+        fast = categorical_deltas(model, x, s.zs, s.uniforms, max_elements, "cpu")
+        for a, b, z in zip(fast, ref, s.zs):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            assert bool((a[model.family.blocks(z).bool()] == 0).all())
+    for key, want in expect.items():
+        got = calls[key] // 2 if key in ("linear", "handed_back") else calls[key]
+        assert (bool(got) == want) if isinstance(want, bool) else got == want, (key, calls)
+
+
 def test_exp_route_is_taken_and_float32_close():
     """The CPU route's exp-space softplus sums are used on a linear model, and in float32 stay within float32
     rounding of the float64 reference (relative 1e-4 of the differences' scale)."""

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 import functools
+import math
 
 from ..models import SBN, Categorical, softplus
 from .base import DEFAULT_MAX_ELEMENTS
@@ -136,6 +137,273 @@ class _ExpChange:
         return _sum_log(torch.addcmul(self.one_minus_sig, self.sig, e, out=e), self.group).view(B, c, k)
 
 
+# ----- the CPU route for linear nets: every class of a variable from one small product per block -----------
+
+# e^-margin below the largest entry of a softmax block is beneath the dtype's rounding: entries further down
+# are raised to that level (changing the block's sum by less than a rounding error), which bounds the
+# exponents the exp tables must hold
+_MARGIN = {torch.float32: 20.0, torch.float64: 40.0}
+
+
+# entries per chunk of the re-drawn layer's [K2, c, K, J, B] products: about 1 MB in float32, cache-sized
+_CACHE_ELEMENTS = 1 << 18
+
+
+class _LinearReader:
+    """A linear map ``pre = W z_l + b`` reading a categorical layer z_l (H variables of K classes) at the sample
+    (classes ``old`` ``[B, H]``). Variable i moved from its class o to class k changes ``pre`` by
+    W[:, iK + k] - W[:, iK + o]; with each variable's K columns centred (``wc`` ``[H, K, h]``, which leaves the
+    differences as they are),
+
+        e^(pre + W[:, iK + k] - W[:, iK + o]) = e^pre * e^-wc[i, o] * e^wc[i, k],
+
+    a factor per (row, variable) times a factor per (variable, class): every class of every variable comes
+    from products with the table ``exp(wc)``, and no exp, gather or product is run per alternative on more
+    than the entries a term needs. ``usable`` is False when the exponents would leave the dtype's range."""
+
+    def __init__(self, weight: Tensor, H: int, K: int, old: Tensor, pre: Tensor, block_read: bool):
+        w = weight.T.reshape(H, K, -1)                                       # [H, K, h]
+        self.wc = (w - w.mean(1, keepdim=True)).contiguous()                 # h innermost, as products want
+        spread = w.amax(1) - w.amin(1)                                      # [H, h]: the largest change
+        self.spread_max = float(spread.max()) if spread.numel() else 0.0
+        dtype = weight.dtype
+        # block terms hold e^(clamped pre - wc[i, o]) >= e^-(3 spread + margin); x's factors lie within e^spread
+        need = 3 * self.spread_max + _MARGIN.get(dtype, 0.0) if block_read else self.spread_max
+        self.usable = _exp_space_ok(need, dtype) and dtype in _MARGIN
+        if not self.usable:
+            return
+        self.spread, self.H, self.K, self.old, self.pre = spread, H, K, old, pre
+        self.table = self.wc.exp()                                           # [H, K, h]
+
+    def at_sample(self, t: Tensor) -> Tensor:
+        """``[B, H, h]``: entry [i, o_i] of a per-(variable, class) tensor ``t`` ``[H, K, h]`` for every row."""
+        return t.view(self.H * self.K, -1).index_select(0, (self.old + self.K * torch.arange(
+            self.H, device=self.old.device)).view(-1)).view(*self.old.shape, -1)
+
+    def class_term(self, v: Tensor) -> Tensor:
+        """``[B, H, K]``: the change of v . pre for a ``v`` ``[B, h]`` that does not move (x, or the
+        layer below): v . (W[:, iK + k] - W[:, iK + o])."""
+        vw = (v @ self.wc.reshape(self.H * self.K, -1).T).view(-1, self.H, self.K)
+        return vw - torch.gather(vw, -1, self.old[..., None])
+
+    def bernoulli_change(self, chunk: int) -> Tensor:
+        """``[B, H, K]``: sum_d softplus(pre' - pre) over x's units, as sums of log((1 - s) + s e^-wc_o e^wc_k)
+        (s = sigmoid(pre); each factor within e^spread) by a log per group of entries."""
+        D = self.pre.shape[-1]
+        group = _largest_group(D, self.wc.dtype, functools.partial(_column_group_max, self.spread.T.contiguous()))
+        one_minus_s = torch.sigmoid(-self.pre)[:, None, None, :]
+        scaled = torch.sigmoid(self.pre)[:, None, :] * self.at_sample(self.table.reciprocal())   # [B, H, D]
+        parts = []
+        for a in range(0, self.H, chunk):
+            e = min(self.H, a + chunk)
+            f = torch.addcmul(one_minus_s, scaled[:, a:e, None, :], self.table[None, a:e])   # [B, c, K, D]
+            parts.append(_sum_log(f, group))
+        return torch.cat(parts, 1)
+
+    def blocks(self, K2: int):
+        """For a ``pre`` read as softmax blocks of K2 (J blocks): (g ``[B, H, J, K2]``, table ``[H, K, J, K2]``,
+        shifted ``[B, J, K2]``, s0 ``[B, J]``, n0 ``[B, J]``) with g = e^(shifted - wc[i, o]), shifted = pre less
+        its block max (raised to -(2 spread + margin)), s0 = sum e^shifted and n0 = sum e^shifted * shifted:
+        the alternative (i, k) has block sums sum_m table[i, k, j, m] g[b, i, j, m]."""
+        B, h = self.pre.shape
+        J = h // K2
+        a = self.pre.view(B, J, K2)
+        shifted = (a - a.amax(-1, keepdim=True)).clamp_min_(-(2 * self.spread_max + _MARGIN[a.dtype]))
+        log_g = shifted.view(B, 1, h) - self.at_sample(self.wc)              # [B, H, h]
+        e0 = shifted.exp()
+        return (log_g.view(B, self.H, J, K2), log_g.exp().view(B, self.H, J, K2),
+                self.table.view(self.H, self.K, J, K2), e0.sum(-1), (e0 * shifted).sum(-1))
+
+
+def _resimulated(reader: _LinearReader, K2: int, u: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """The layer a linear inference net draws from z_l, at every class of every variable of z_l, re-drawn
+    from the same uniforms ``u`` ``[B, J]``: (classes ``[B, H, K, J]``, the change of its entropy ``[B, H, K]``).
+
+    P_m = g_m table_m = e^(pre'_m - max) for the K2 entries m of each block, laid out with m outermost and
+    the rows innermost, so that the block sums, the entropy's sum and the inverse CDF's cumulative sums run
+    over contiguous rows, in chunks of ``chunk`` variables of z_l. The class is the number of m < K2 - 1 with
+    sum_{m' <= m} P_m' <= u sum P."""
+    log_g, g, table, s0, n0 = reader.blocks(K2)                              # [B, H, J, K2], [H, K, J, K2]
+    log_g = log_g.permute(3, 1, 2, 0).contiguous()                           # [K2, H, J, B]
+    g = g.permute(3, 1, 2, 0).contiguous()
+    wc = reader.wc.view(table.shape).permute(3, 0, 1, 2).contiguous()[..., None]    # [K2, H, K, J, 1]
+    table = table.permute(3, 0, 1, 2).contiguous()[..., None]
+    threshold = u.T.contiguous()
+    entropy, classes = [], []
+    for a in range(0, reader.H, chunk):
+        e = min(reader.H, a + chunk)
+        p = table[:, a:e] * g[:, a:e, None]                                  # [K2, c, K, J, B]
+        s = p.sum(0)                                                         # [c, K, J, B]
+        # the entropy of a block: log S - N / S, N = sum_m P_m a'_m, a' = log g + wc[i, k]
+        a_new = torch.add(log_g[:, a:e, None], wc[:, a:e])
+        n = a_new.mul_(p).sum(0)
+        entropy.append((s.log() - n / s).sum(2))                             # [c, K, B]
+        for m in range(1, K2 - 1):                                           # cumulative sums, in place
+            p[m].add_(p[m - 1])
+        below = (p[:-1] <= threshold * s).view(torch.uint8)                  # the class: how many are below
+        classes.append(below.sum(0, dtype=torch.uint8) if K2 < 256 else below.sum(0))
+    entropy = torch.cat(entropy).permute(2, 0, 1) - (s0.log() - n0 / s0).sum(-1)[:, None, None]
+    return torch.cat(classes).permute(3, 0, 1, 2).long(), entropy
+
+
+def _moved(fam: Categorical, z: Tensor, b: Tensor, i: Tensor, k: Tensor) -> Tensor:
+    """Rows ``b`` of the one-hot layer ``z`` with variable ``i`` set to class ``k`` (``[n, H*K]``)."""
+    moved = fam.blocks(z[b]).clone()
+    moved[torch.arange(b.shape[0], device=z.device), i] = (k[:, None] == torch.arange(
+        fam.classes, device=z.device)).to(z.dtype)
+    return moved.flatten(-2)
+
+
+def _changed_dense(model: SBN, l: int, zs: list[Tensor], noise: list[Tensor], classes: Tensor,
+                   b: Tensor, i: Tensor, k: Tensor, base: Tensor) -> Tensor:
+    """The terms of F from log p(z_l | z_{l+1}) up, less their value at the sample, ``[n]``, for the
+    alternatives (b, i, k) whose re-drawn layer l+1 took ``classes`` ``[n, H_{l+1}]``: scored densely, with
+    the layers above re-drawn from the same uniforms; ``base`` ``[B]`` is their value at the sample
+    (:func:`_upper_terms` of layer l+1)."""
+    fam, L = model.family, model.n_layers
+    z_new = fam.one_hot(classes, zs[l].dtype)                                # [n, W_{l+1}]
+    value = model.log_prob_below(l, _moved(fam, zs[l - 1], b, i, k), model.p_nets[l](z_new))
+    if l + 1 == L:
+        value = value + fam.log_prob(z_new, model.prior_logits)
+    else:
+        value = value + _above(model, l + 1, z_new, model.q_logits(l + 2, z_new), [n[b] for n in noise])
+    return value - base[b]
+
+
+class _TopChanges:
+    """:func:`_changed_dense` where layer l+1 is the top and the net p_l reading it is linear. The re-drawn top
+    layer changes in few variables j, which move layer l's logits by
+    cols = sum_j W[:, jK + new_j] - W[:, jK + old_j] (one sum of gathered rows per alternative: an embedding
+    bag with weights +-1); the block sums then cost one exp per entry and a product with the blocks'
+    indicator. ``usable(cols)`` is False if the changes leave the exp range."""
+
+    def __init__(self, model: SBN, l: int, zs: list[Tensor], old: Tensor):
+        fam = model.family
+        self.K, self.H, self.J = fam.classes, model.latent_sizes[l - 1], model.latent_sizes[l]
+        net, z_up = model.p_nets[l], zs[l]
+        self.old, self.up_old = old, fam.blocks(z_up).argmax(-1)            # [B, H], [B, J]
+        self.wt = net.first.weight.T.contiguous()                            # [J*K, H*K]
+        self.logits = fam.blocks(net(z_up))                                  # [B, H, K] at the sample
+        self.shifted = (self.logits - self.logits.amax(-1, keepdim=True)).flatten(-2)   # [B, H*K]
+        self.log_s0 = self.shifted.exp().view(-1, self.H, self.K).sum(-1).log_().sum(-1)   # [B]
+        self.prior = torch.log_softmax(fam.blocks(model.prior_logits), -1).flatten(-2)   # [J*K]
+
+    def __call__(self, classes: Tensor, b: Tensor, i: Tensor, k: Tensor) -> Tensor | None:
+        K, H, J = self.K, self.H, self.J
+        n = b.shape[0]
+        up_old = self.up_old.index_select(0, b)                              # [n, J]
+        at = (classes != up_old).view(-1).nonzero().squeeze(1)               # the changed variables, row by row
+        r, j = at // J, at % J
+        new, gone = j * K + classes.view(-1)[at], j * K + up_old.view(-1)[at]
+        index = torch.stack([new, gone], 1).view(-1)
+        sign = torch.tensor([1.0, -1.0], dtype=self.wt.dtype, device=b.device).repeat(at.shape[0])
+        counts = torch.bincount(r, minlength=n)
+        offsets = (torch.cumsum(counts, 0) - counts) * 2
+        cols = torch.nn.functional.embedding_bag(index, self.wt, offsets, mode="sum", per_sample_weights=sign)
+        lo, hi = torch.aminmax(cols)
+        if not _exp_space_ok(max(-float(lo), float(hi)) + math.log(K), cols.dtype):
+            return None
+        moved = self.old.index_select(0, b)
+        rows = torch.arange(n, device=b.device)
+        o = moved[rows, i]
+        moved[rows, i] = k                                                   # layer l's classes
+        picked = (self.logits[b, i, k] - self.logits[b, i, o]                # the change of sum_blocks logit(class)
+                  + torch.gather(cols.view(n, H, K), -1, moved[..., None]).sum((-2, -1)))
+        s = torch.add(self.shifted.index_select(0, b), cols, out=cols).exp_().view(n, H, K).sum(-1)   # [n, H]
+        prior_change = torch.zeros(n, dtype=s.dtype, device=b.device).index_add_(
+            0, r, self.prior[new] - self.prior[gone])
+        return picked - (s.log_().sum(-1) - self.log_s0.index_select(0, b)) + prior_change
+
+
+def _one_top_move(weight: Tensor, K: int, top_delta: Tensor, classes: Tensor, moves: Tensor, old: Tensor,
+                  up_old: Tensor, upper: Tensor) -> None:
+    """Adds to ``upper`` ``[B, H, K]`` the top layer's terms at the alternatives (b, i, k) whose re-drawn top
+    layer moved in one variable j, to class c (``moves`` ``[B, H, K, J]``, one True per such row). D_{L, j, c}
+    (``top_delta``) holds the top's terms with layer l at the sample, and z'_l differs from z_l in variable i
+    only, so log p(z'_l | z'_L) - log p(z_l | z'_L) is the change of one block's logit: the sample's (already
+    in ``upper``) plus W[iK+k, jK+c] - W[iK+k, jK+o_j] - (the same at o_i), ``weight`` W of the top's
+    generative net."""
+    b, i, k, j = moves.nonzero().unbind(1)
+    if not b.numel():
+        return
+    c, c_old, o = classes[b, i, k, j], up_old[b, j], old[b, i]
+    upper[b, i, k] += (top_delta[b, j, c] + weight[i * K + k, j * K + c] - weight[i * K + k, j * K + c_old]
+                       - weight[i * K + o, j * K + c] + weight[i * K + o, j * K + c_old])
+
+
+def _linear_route(model: SBN, l: int, route: str) -> bool:
+    """Whether layer l's differences can take the CPU route for linear nets: every net that reads z_l is
+    linear, and the pass may read values back (the range checks)."""
+    L = model.n_layers
+    return (not on_device_route(model.prior_logits, route) and model.p_nets[l - 1].is_linear
+            and (l == L or model.q_nets[l].is_linear))
+
+
+def _layer_deltas_linear(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise: list[Tensor],
+                         max_elements: int, top_delta: Tensor | None = None) -> Tensor | None:
+    """D_{l,i,k} ``[B, H, K]`` for a layer whose readers are linear, or None where a range check fails.
+
+    D = [log p(below | z') - log p(below | z)] + [H(q_{l+1}(. | z')) - H(q_{l+1}(. | z))]
+        + [terms of the layers above, re-drawn] - [the same at the sample]
+
+    The first two come from :class:`_LinearReader`. Where the re-drawn layer l+1 keeps its classes, the
+    third is log p(z'_l | z_{l+1}) - log p(z_l | z_{l+1}), a gathered difference; the alternatives whose
+    layer l+1 changes (few) are scored densely, with the layers above them re-drawn (:func:`_above`). At
+    the top layer the third is the prior's gathered difference."""
+    fam, L = model.family, model.n_layers
+    K, H, B = fam.classes, model.latent_sizes[l - 1], x.shape[0]
+    z_l, below = zs[l - 1], ([x] + zs)[l - 1]
+    old = fam.blocks(z_l).argmax(-1)                                         # [B, H]
+    p_net = model.p_nets[l - 1]
+    p_reader = _LinearReader(p_net.first.weight, H, K, old, p_net.first(z_l), block_read=l > 1)
+    if not p_reader.usable:
+        return None
+    q_reader = None
+    if l < L:
+        q_net = model.q_nets[l]
+        q_reader = _LinearReader(q_net.first.weight, H, K, old, q_net.first(z_l), block_read=True)
+        if not q_reader.usable:
+            return None
+    D_below = below.shape[-1]
+    if l == 1:
+        chunk = max(1, min(H, max_elements // max(1, B * K * D_below)))
+        delta = p_reader.class_term(x) - p_reader.bernoulli_change(chunk)
+    else:
+        _, g, table, s0, _ = p_reader.blocks(K)
+        s = torch.einsum("ikjm,bijm->bikj", table, g)                        # [B, H, K, J]
+        delta = p_reader.class_term(below) - (s.log().sum(-1) - s0.log().sum(-1)[:, None, None])
+    if q_reader is None:                                                     # the top layer: its prior
+        prior = torch.log_softmax(fam.blocks(model.prior_logits), -1)        # [H, K]
+        delta = delta + (prior[None] - torch.gather(prior.expand(B, H, K), -1, old[..., None]))
+    else:
+        z_up = zs[l]
+        J = model.latent_sizes[l]
+        classes, entropy = _resimulated(q_reader, K, noise[l], max(1, min(H, _CACHE_ELEMENTS // (B * K * J * K))))   # [B, H, K, J], [B, H, K]
+        log_p = torch.log_softmax(fam.blocks(model.p_nets[l](z_up)), -1)    # [B, H, K]: log p(z_l | z_{l+1})
+        upper = log_p - torch.gather(log_p, -1, old[..., None])
+        up_old = fam.blocks(z_up).argmax(-1)                                # [B, J]
+        moves = classes != up_old[:, None, None, :]                          # [B, H, K, J]
+        count = moves.sum(-1, dtype=torch.uint8) if J < 256 else moves.sum(-1)
+        count.masked_fill_(old[..., None] == torch.arange(K, device=x.device), 0)   # the sampled class
+        if top_delta is not None:
+            _one_top_move(model.p_nets[l].first.weight, K, top_delta, classes, moves & (count == 1)[..., None],
+                          old, up_old, upper)
+            count.masked_fill_(count == 1, 0)
+        rows = count.nonzero()                                               # [n, 3]: (b, i, k)
+        if rows.numel():
+            base = _upper_terms(model, l + 1, x, zs, noise)                  # [B]
+            step = max(1, max_elements // max(1, model.sizes[l] + max(model.sizes[l:])))
+            top = _TopChanges(model, l, zs, old) if l + 1 == L and model.p_nets[l].is_linear else None
+            for a in range(0, rows.shape[0], step):
+                b, i, k = rows[a:a + step].unbind(1)
+                value = top(classes[b, i, k], b, i, k) if top is not None else None
+                if value is None:
+                    value = _changed_dense(model, l, zs, noise, classes[b, i, k], b, i, k, base)
+                upper[b, i, k] = value
+        delta = delta + entropy + upper
+    return delta.masked_fill_(old[..., None] == torch.arange(K, device=x.device), 0.0)   # the sampled class
+
+
 @torch.no_grad()
 def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[Tensor],
                        max_elements: int | None = None, route: str = "auto") -> list[Tensor]:
@@ -162,8 +430,15 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
                                           if isinstance(m, torch.nn.Linear)])
 
     shift = torch.arange(1, K, device=x.device)                              # the K - 1 other values
-    out = []
-    for l, H in enumerate(model.latent_sizes, start=1):
+    out = {}
+    for l in range(L, 0, -1):                                                # top down: D_L serves layer L-1
+        H = model.latent_sizes[l - 1]
+        if _linear_route(model, l, route):
+            top_delta = out[L] if l + 1 == L and model.p_nets[l].is_linear else None
+            delta = _layer_deltas_linear(model, l, x, zs, noise, max_elements, top_delta)
+            if delta is not None:
+                out[l] = delta
+                continue
         z_l, below = zs[l - 1], ([x] + zs)[l - 1]
         p_net, q_net = model.p_nets[l - 1], (model.q_nets[l] if l < L else None)
         base = _upper_terms(model, l, x, zs, noise)                          # [B]
@@ -211,5 +486,5 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
             # by class: class k is shift (k - old) mod K, and shift 0 (the sampled class) has difference 0
             padded = torch.cat([torch.zeros_like(upper[..., :1]), upper - base[:, None, None]], -1)   # [B, c, K]
             parts.append(torch.gather(padded, -1, (torch.arange(K, device=x.device) - old[..., None]) % K))
-        out.append(torch.cat(parts, 1))                                      # [B, H, K]
-    return out
+        out[l] = torch.cat(parts, 1)                                         # [B, H, K]
+    return [out[l] for l in range(1, L + 1)]
