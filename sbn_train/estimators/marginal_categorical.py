@@ -291,28 +291,51 @@ class _TopChanges:
     def __call__(self, classes: Tensor, b: Tensor, i: Tensor, k: Tensor) -> Tensor | None:
         K, H, J = self.K, self.H, self.J
         n = b.shape[0]
-        up_old = self.up_old.index_select(0, b)                              # [n, J]
-        at = (classes != up_old).view(-1).nonzero().squeeze(1)               # the changed variables, row by row
+        # alternatives of one row whose top layer took the same classes share the top's terms: those are
+        # computed once per distinct (row, classes), found by a hash and then checked entry by entry
+        inverse, first = _distinct_rows(torch.cat([b[:, None], classes], 1))
+        ub, uclasses = b.index_select(0, first), classes.index_select(0, first)
+        up_old = self.up_old.index_select(0, ub)                             # [u, J]
+        at = (uclasses != up_old).view(-1).nonzero().squeeze(1)              # the changed variables, row by row
         r, j = at // J, at % J
-        new, gone = j * K + classes.view(-1)[at], j * K + up_old.view(-1)[at]
+        new, gone = j * K + uclasses.view(-1)[at], j * K + up_old.view(-1)[at]
         index = torch.stack([new, gone], 1).view(-1)
         sign = torch.tensor([1.0, -1.0], dtype=self.wt.dtype, device=b.device).repeat(at.shape[0])
-        counts = torch.bincount(r, minlength=n)
+        counts = torch.bincount(r, minlength=ub.shape[0])
         offsets = (torch.cumsum(counts, 0) - counts) * 2
         cols = torch.nn.functional.embedding_bag(index, self.wt, offsets, mode="sum", per_sample_weights=sign)
         lo, hi = torch.aminmax(cols)
         if not _exp_space_ok(max(-float(lo), float(hi)) + math.log(K), cols.dtype):
             return None
-        moved = self.old.index_select(0, b)
-        rows = torch.arange(n, device=b.device)
-        o = moved[rows, i]
-        moved[rows, i] = k                                                   # layer l's classes
-        picked = (self.logits[b, i, k] - self.logits[b, i, o]                # the change of sum_blocks logit(class)
-                  + torch.gather(cols.view(n, H, K), -1, moved[..., None]).sum((-2, -1)))
-        s = torch.add(self.shifted.index_select(0, b), cols, out=cols).exp_().view(n, H, K).sum(-1)   # [n, H]
-        prior_change = torch.zeros(n, dtype=s.dtype, device=b.device).index_add_(
+        at_sample = torch.gather(cols.view(-1, H, K), -1, self.old.index_select(0, ub)[..., None]).sum((-2, -1))
+        prior_change = torch.zeros(ub.shape[0], dtype=cols.dtype, device=b.device).index_add_(
             0, r, self.prior[new] - self.prior[gone])
-        return picked - (s.log_().sum(-1) - self.log_s0.index_select(0, b)) + prior_change
+        flat = cols.view(-1)
+        o = self.old[b, i]
+        # the change of sum_blocks logit(class), z_l with variable i moved from o to k
+        picked = (self.logits[b, i, k] - self.logits[b, i, o] + at_sample.index_select(0, inverse)
+                  + flat[inverse * (H * K) + i * K + k] - flat[inverse * (H * K) + i * K + o])
+        s = torch.add(self.shifted.index_select(0, ub), cols, out=cols).exp_().view(-1, H, K).sum(-1)   # [u, H]
+        top = prior_change - (s.log_().sum(-1) - self.log_s0.index_select(0, ub))
+        return picked + top.index_select(0, inverse)
+
+
+def _distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(inverse ``[n]``, first ``[u]``) for non-negative integer rows ``rows`` ``[n, w]``: row r equals row
+    ``first[inverse[r]]``. Rows are told apart by a linear hash with fixed random weights below 2^40 (no
+    overflow while w * max(rows) < 2^23), and every row is then compared with its representative: on a
+    collision, or past that bound, each row stands for itself."""
+    n, w = rows.shape
+    alone = torch.arange(n, device=rows.device)
+    if not n or w * int(rows.max()) >= 1 << 23:
+        return alone, alone
+    weights = torch.randint(0, 1 << 40, (w,), generator=torch.Generator().manual_seed(0)).to(rows.device)
+    keys = (rows * weights).sum(1)
+    _, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.empty(int(inverse.max()) + 1, dtype=torch.int64, device=rows.device).scatter_(0, inverse, alone)
+    if not bool((rows.index_select(0, first).index_select(0, inverse) == rows).all()):
+        return alone, alone
+    return inverse, first
 
 
 def _one_top_move(weight: Tensor, K: int, top_delta: Tensor, classes: Tensor, moves: Tensor, old: Tensor,
@@ -378,10 +401,11 @@ def _layer_deltas_linear(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise:
     else:
         z_up = zs[l]
         J = model.latent_sizes[l]
-        classes, entropy = _resimulated(q_reader, K, noise[l], max(1, min(H, _CACHE_ELEMENTS // (B * K * J * K))))   # [B, H, K, J], [B, H, K]
+        up_old = fam.blocks(z_up).argmax(-1)                                # [B, J]
+        chunk = max(1, min(H, _CACHE_ELEMENTS // (B * K * J * K)))
+        classes, entropy = _resimulated(q_reader, K, noise[l], chunk)   # [B, H, K, J], [B, H, K]
         log_p = torch.log_softmax(fam.blocks(model.p_nets[l](z_up)), -1)    # [B, H, K]: log p(z_l | z_{l+1})
         upper = log_p - torch.gather(log_p, -1, old[..., None])
-        up_old = fam.blocks(z_up).argmax(-1)                                # [B, J]
         moves = classes != up_old[:, None, None, :]                          # [B, H, K, J]
         count = moves.sum(-1, dtype=torch.uint8) if J < 256 else moves.sum(-1)
         count.masked_fill_(old[..., None] == torch.arange(K, device=x.device), 0)   # the sampled class
