@@ -228,6 +228,30 @@ def test_cpu_linear_route_paths_equal_reference(monkeypatch, sizes, kw, scale_to
         assert (bool(got) == want) if isinstance(want, bool) else got == want, (key, calls)
 
 
+def test_distinct_rows_groups_equal_rows_only():
+    """The grouping that lets alternatives share the top layer's terms: every row equals its representative,
+    distinct rows get distinct groups, and past the hash's range each row stands for itself."""
+    from sbn_train.estimators.marginal_categorical import _distinct_rows
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 3, (400, 4), generator=g)
+    inverse, first = _distinct_rows(rows)
+    assert torch.equal(rows[first[inverse]], rows)
+    assert first.shape[0] == torch.unique(rows, dim=0).shape[0]
+    wide = rows.clone()
+    wide[0, 0] = 1 << 22                                                     # w * max >= 2^23: no hashing
+    inverse, first = _distinct_rows(wide)
+    assert torch.equal(inverse, torch.arange(400)) and torch.equal(first, torch.arange(400))
+
+
+def test_distinct_rows_survive_a_hash_collision(monkeypatch):
+    """A hash that puts every row in one group (a collision) is caught by the row-by-row check."""
+    from sbn_train.estimators.marginal_categorical import _distinct_rows
+    rows = torch.randint(0, 3, (50, 4), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(torch, "unique", lambda keys, return_inverse: (keys[:1], torch.zeros_like(keys)))
+    inverse, first = _distinct_rows(rows)
+    assert torch.equal(rows[first[inverse]], rows) and first.shape[0] == 50
+
+
 def test_exp_route_is_taken_and_float32_close():
     """The CPU route's exp-space softplus sums are used on a linear model, and in float32 stay within float32
     rounding of the float64 reference (relative 1e-4 of the differences' scale)."""
