@@ -193,12 +193,14 @@ class _LinearReader:
         group = _largest_group(D, self.wc.dtype, functools.partial(_column_group_max, self.spread.T.contiguous()))
         one_minus_s = torch.sigmoid(-self.pre)[:, None, None, :]
         scaled = torch.sigmoid(self.pre)[:, None, :] * self.at_sample(self.table.reciprocal())   # [B, H, D]
-        parts = []
+        out = torch.empty(self.pre.shape[0], self.H, self.K, dtype=self.pre.dtype, device=self.pre.device)
+        buffer = torch.empty(self.pre.shape[0], min(chunk, self.H), self.K, D, dtype=self.pre.dtype,
+                             device=self.pre.device)                         # reused: no page faults per chunk
         for a in range(0, self.H, chunk):
             e = min(self.H, a + chunk)
-            f = torch.addcmul(one_minus_s, scaled[:, a:e, None, :], self.table[None, a:e])   # [B, c, K, D]
-            parts.append(_sum_log(f, group))
-        return torch.cat(parts, 1)
+            f = torch.addcmul(one_minus_s, scaled[:, a:e, None, :], self.table[None, a:e], out=buffer[:, :e - a])
+            out[:, a:e] = _sum_log(f, group)                                 # f [B, c, K, D]
+        return out
 
     def blocks(self, K2: int):
         """For a ``pre`` read as softmax blocks of K2 (J blocks): (g ``[B, H, J, K2]``, table ``[H, K, J, K2]``,
@@ -230,12 +232,15 @@ def _resimulated(reader: _LinearReader, K2: int, u: Tensor, chunk: int) -> tuple
     table = table.permute(3, 0, 1, 2).contiguous()[..., None]
     threshold = u.T.contiguous()
     entropy, classes = [], []
+    width = min(chunk, reader.H)
+    buffers = [torch.empty(K2, width, reader.K, *threshold.shape, dtype=g.dtype, device=g.device)
+               for _ in range(2)]                                            # reused: no page faults per chunk
     for a in range(0, reader.H, chunk):
         e = min(reader.H, a + chunk)
-        p = table[:, a:e] * g[:, a:e, None]                                  # [K2, c, K, J, B]
+        p = torch.mul(table[:, a:e], g[:, a:e, None], out=buffers[0][:, :e - a])   # [K2, c, K, J, B]
         s = p.sum(0)                                                         # [c, K, J, B]
         # the entropy of a block: log S - N / S, N = sum_m P_m a'_m, a' = log g + wc[i, k]
-        a_new = torch.add(log_g[:, a:e, None], wc[:, a:e])
+        a_new = torch.add(log_g[:, a:e, None], wc[:, a:e], out=buffers[1][:, :e - a])
         n = a_new.mul_(p).sum(0)
         entropy.append((s.log() - n / s).sum(2))                             # [c, K, B]
         for m in range(1, K2 - 1):                                           # cumulative sums, in place
