@@ -175,10 +175,13 @@ class _LinearReader:
         self.spread, self.H, self.K, self.old, self.pre = spread, H, K, old, pre
         self.table = self.wc.exp()                                           # [H, K, h]
 
-    def at_sample(self, t: Tensor) -> Tensor:
-        """``[B, H, h]``: entry [i, o_i] of a per-(variable, class) tensor ``t`` ``[H, K, h]`` for every row."""
-        return t.view(self.H * self.K, -1).index_select(0, (self.old + self.K * torch.arange(
-            self.H, device=self.old.device)).view(-1)).view(*self.old.shape, -1)
+    def at_sample(self, t: Tensor, start: int = 0) -> Tensor:
+        """``[B, c, h]``: entry [i, o_i] of a per-(variable, class) tensor ``t`` ``[c, K, h]`` (variables
+        ``start`` to ``start + c``) for every row."""
+        c = t.shape[0]
+        old = self.old[:, start:start + c]
+        return t.reshape(c * self.K, -1).index_select(0, (old + self.K * torch.arange(
+            c, device=old.device)).view(-1)).view(*old.shape, -1)
 
     def class_term(self, v: Tensor) -> Tensor:
         """``[B, H, K]``: the change of v . pre for a ``v`` ``[B, h]`` that does not move (x, or the
@@ -191,14 +194,15 @@ class _LinearReader:
         (s = sigmoid(pre); each factor within e^spread) by a log per group of entries."""
         D = self.pre.shape[-1]
         group = _largest_group(D, self.wc.dtype, functools.partial(_column_group_max, self.spread.T.contiguous()))
-        one_minus_s = torch.sigmoid(-self.pre)[:, None, None, :]
-        scaled = torch.sigmoid(self.pre)[:, None, :] * self.at_sample(self.table.reciprocal())   # [B, H, D]
+        one_minus_s, s = torch.sigmoid(-self.pre)[:, None, None, :], torch.sigmoid(self.pre)[:, None, :]
+        inverse = self.table.reciprocal()
         out = torch.empty(self.pre.shape[0], self.H, self.K, dtype=self.pre.dtype, device=self.pre.device)
         buffer = torch.empty(self.pre.shape[0], min(chunk, self.H), self.K, D, dtype=self.pre.dtype,
                              device=self.pre.device)                         # reused: no page faults per chunk
         for a in range(0, self.H, chunk):
             e = min(self.H, a + chunk)
-            f = torch.addcmul(one_minus_s, scaled[:, a:e, None, :], self.table[None, a:e], out=buffer[:, :e - a])
+            scaled = s * self.at_sample(inverse[a:e], a)                     # s e^-wc[i, o], [B, c, D]
+            f = torch.addcmul(one_minus_s, scaled[:, :, None, :], self.table[None, a:e], out=buffer[:, :e - a])
             out[:, a:e] = _sum_log(f, group)                                 # f [B, c, K, D]
         return out
 
@@ -217,38 +221,42 @@ class _LinearReader:
                 self.table.view(self.H, self.K, J, K2), e0.sum(-1), (e0 * shifted).sum(-1))
 
 
+def _block_sums(table: Tensor, g: Tensor) -> Tensor:
+    """sum_m table[i, k, j, m] g[b, i, j, m], ``[H, J, K, B]``, as one batched product over (i, j) (an
+    einsum takes several times longer here)."""
+    H, K, J, K2 = table.shape
+    B = g.shape[0]
+    return torch.bmm(table.permute(0, 2, 1, 3).reshape(H * J, K, K2),
+                     g.permute(1, 2, 3, 0).reshape(H * J, K2, B)).view(H, J, K, B)
+
+
 def _resimulated(reader: _LinearReader, K2: int, u: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     """The layer a linear inference net draws from z_l, at every class of every variable of z_l, re-drawn
     from the same uniforms ``u`` ``[B, J]``: (classes ``[B, H, K, J]``, the change of its entropy ``[B, H, K]``).
 
-    P_m = g_m table_m = e^(pre'_m - max) for the K2 entries m of each block, laid out with m outermost and
-    the rows innermost, so that the block sums, the entropy's sum and the inverse CDF's cumulative sums run
-    over contiguous rows, in chunks of ``chunk`` variables of z_l. The class is the number of m < K2 - 1 with
-    sum_{m' <= m} P_m' <= u sum P."""
+    With P_m = g_m table_m = e^(pre'_m - max) for the K2 entries m of a block, the entropy log S - N / S
+    (S = sum P, N = sum P_m a'_m, a' = log g + wc[i, k]) comes from batched products over (variable, block)
+    pairs. The class is the number of m < K2 - 1 with sum_{m' <= m} P_m' <= u S: the P are laid out with m
+    outermost and the rows innermost, so the cumulative sums run over contiguous rows, in chunks of
+    ``chunk`` variables of z_l."""
     log_g, g, table, s0, n0 = reader.blocks(K2)                              # [B, H, J, K2], [H, K, J, K2]
-    log_g = log_g.permute(3, 1, 2, 0).contiguous()                           # [K2, H, J, B]
-    g = g.permute(3, 1, 2, 0).contiguous()
-    wc = reader.wc.view(table.shape).permute(3, 0, 1, 2).contiguous()[..., None]    # [K2, H, K, J, 1]
-    table = table.permute(3, 0, 1, 2).contiguous()[..., None]
-    threshold = u.T.contiguous()
-    entropy, classes = [], []
-    width = min(chunk, reader.H)
-    buffers = [torch.empty(K2, width, reader.K, *threshold.shape, dtype=g.dtype, device=g.device)
-               for _ in range(2)]                                            # reused: no page faults per chunk
-    for a in range(0, reader.H, chunk):
-        e = min(reader.H, a + chunk)
-        p = torch.mul(table[:, a:e], g[:, a:e, None], out=buffers[0][:, :e - a])   # [K2, c, K, J, B]
-        s = p.sum(0)                                                         # [c, K, J, B]
-        # the entropy of a block: log S - N / S, N = sum_m P_m a'_m, a' = log g + wc[i, k]
-        a_new = torch.add(log_g[:, a:e, None], wc[:, a:e], out=buffers[1][:, :e - a])
-        n = a_new.mul_(p).sum(0)
-        entropy.append((s.log() - n / s).sum(2))                             # [c, K, B]
+    H, K, (B, J) = reader.H, reader.K, u.shape
+    s = _block_sums(table, g)                                                # [H, J, K, B]
+    n = _block_sums(table, g * log_g) + _block_sums(table * reader.wc.view(table.shape), g)
+    entropy = (s.log() - n / s).sum(1).permute(2, 0, 1) - (s0.log() - n0 / s0).sum(-1)[:, None, None]
+    point = (s * u.T[None, :, None, :]).permute(0, 2, 1, 3).contiguous()     # u S, [H, K, J, B]
+    g = g.permute(3, 1, 2, 0).contiguous()                                   # [K2, H, J, B]
+    table = table.permute(3, 0, 1, 2).contiguous()[..., None]                # [K2, H, K, J, 1]
+    classes = torch.empty(H, K, J, B, dtype=torch.uint8 if K2 < 256 else torch.int64, device=u.device)
+    p = torch.empty(K2 - 1, min(chunk, H), K, J, B, dtype=g.dtype, device=g.device)   # reused
+    for a in range(0, H, chunk):
+        e = min(H, a + chunk)
+        cum = torch.mul(table[:-1, a:e], g[:-1, a:e, None], out=p[:, :e - a])   # [K2-1, c, K, J, B]
         for m in range(1, K2 - 1):                                           # cumulative sums, in place
-            p[m].add_(p[m - 1])
-        below = (p[:-1] <= threshold * s).view(torch.uint8)                  # the class: how many are below
-        classes.append(below.sum(0, dtype=torch.uint8) if K2 < 256 else below.sum(0))
-    entropy = torch.cat(entropy).permute(2, 0, 1) - (s0.log() - n0 / s0).sum(-1)[:, None, None]
-    return torch.cat(classes).permute(3, 0, 1, 2).long(), entropy
+            cum[m].add_(cum[m - 1])
+        below = (cum <= point[a:e]).view(torch.uint8)                        # the class: how many are below
+        torch.sum(below, 0, dtype=classes.dtype, out=classes[a:e])
+    return classes.permute(3, 0, 1, 2).long(), entropy
 
 
 def _moved(fam: Categorical, z: Tensor, b: Tensor, i: Tensor, k: Tensor) -> Tensor:
@@ -398,8 +406,8 @@ def _layer_deltas_linear(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise:
         delta = p_reader.class_term(x) - p_reader.bernoulli_change(chunk)
     else:
         _, g, table, s0, _ = p_reader.blocks(K)
-        s = torch.einsum("ikjm,bijm->bikj", table, g)                        # [B, H, K, J]
-        delta = p_reader.class_term(below) - (s.log().sum(-1) - s0.log().sum(-1)[:, None, None])
+        s = _block_sums(table, g)                                            # [H, J, K, B]
+        delta = p_reader.class_term(below) - (s.log().sum(1).permute(2, 0, 1) - s0.log().sum(-1)[:, None, None])
     if q_reader is None:                                                     # the top layer: its prior
         prior = torch.log_softmax(fam.blocks(model.prior_logits), -1)        # [H, K]
         delta = delta + (prior[None] - torch.gather(prior.expand(B, H, K), -1, old[..., None]))
