@@ -256,7 +256,7 @@ def _resimulated(reader: _LinearReader, K2: int, u: Tensor, chunk: int) -> tuple
             cum[m].add_(cum[m - 1])
         below = (cum <= point[a:e]).view(torch.uint8)                        # the class: how many are below
         torch.sum(below, 0, dtype=classes.dtype, out=classes[a:e])
-    return classes.permute(3, 0, 1, 2).long(), entropy
+    return classes.permute(3, 0, 1, 2).contiguous().long(), entropy
 
 
 def _moved(fam: Categorical, z: Tensor, b: Tensor, i: Tensor, k: Tensor) -> Tensor:
@@ -323,10 +323,10 @@ class _TopChanges:
         at_sample = torch.gather(cols.view(-1, H, K), -1, self.old.index_select(0, ub)[..., None]).sum((-2, -1))
         prior_change = torch.zeros(ub.shape[0], dtype=cols.dtype, device=b.device).index_add_(
             0, r, self.prior[new] - self.prior[gone])
-        flat = cols.view(-1)
-        o = self.old[b, i]
+        flat, logits = cols.view(-1), self.logits.reshape(-1)
+        o = self.old.view(-1)[b * H + i]
         # the change of sum_blocks logit(class), z_l with variable i moved from o to k
-        picked = (self.logits[b, i, k] - self.logits[b, i, o] + at_sample.index_select(0, inverse)
+        picked = (logits[(b * H + i) * K + k] - logits[(b * H + i) * K + o] + at_sample.index_select(0, inverse)
                   + flat[inverse * (H * K) + i * K + k] - flat[inverse * (H * K) + i * K + o])
         s = torch.add(self.shifted.index_select(0, ub), cols, out=cols).exp_().view(-1, H, K).sum(-1)   # [u, H]
         top = prior_change - (s.log_().sum(-1) - self.log_s0.index_select(0, ub))
@@ -359,12 +359,17 @@ def _one_top_move(weight: Tensor, K: int, top_delta: Tensor, classes: Tensor, mo
     only, so log p(z'_l | z'_L) - log p(z_l | z'_L) is the change of one block's logit: the sample's (already
     in ``upper``) plus W[iK+k, jK+c] - W[iK+k, jK+o_j] - (the same at o_i), ``weight`` W of the top's
     generative net."""
-    b, i, k, j = moves.nonzero().unbind(1)
-    if not b.numel():
+    B, H, _, J = moves.shape
+    at = moves.view(-1).nonzero().squeeze(1)                                 # flat (b, i, k, j)
+    if not at.numel():
         return
-    c, c_old, o = classes[b, i, k, j], up_old[b, j], old[b, i]
-    upper[b, i, k] += (top_delta[b, j, c] + weight[i * K + k, j * K + c] - weight[i * K + k, j * K + c_old]
-                       - weight[i * K + o, j * K + c] + weight[i * K + o, j * K + c_old])
+    row, j = at // J, at % J                                                 # row: flat (b, i, k)
+    b, i, k = row // (H * K), row // K % H, row % K
+    c, c_old, o = classes.view(-1)[at], up_old.view(-1)[b * J + j], old.view(-1)[b * H + i]
+    w, width = weight.view(-1), weight.shape[1]
+    top = top_delta.reshape(-1)[(b * J + j) * K + c]
+    upper.view(-1)[row] += (top + w[(i * K + k) * width + j * K + c] - w[(i * K + k) * width + j * K + c_old]
+                            - w[(i * K + o) * width + j * K + c] + w[(i * K + o) * width + j * K + c_old])
 
 
 def _linear_route(model: SBN, l: int, route: str) -> bool:
@@ -426,19 +431,22 @@ def _layer_deltas_linear(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise:
             _one_top_move(model.p_nets[l].first.weight, K, top_delta, classes, moves & (count == 1)[..., None],
                           old, up_old, upper)
             count.masked_fill_(count == 1, 0)
-        rows = count.nonzero()                                               # [n, 3]: (b, i, k)
+        rows = count.view(-1).nonzero().squeeze(1)                           # flat (b, i, k)
         if rows.numel():
             base = _upper_terms(model, l + 1, x, zs, noise)                  # [B]
             step = max(1, max_elements // max(1, model.sizes[l] + max(model.sizes[l:])))
             top = _TopChanges(model, l, zs, old) if l + 1 == L and model.p_nets[l].is_linear else None
             for a in range(0, rows.shape[0], step):
-                b, i, k = rows[a:a + step].unbind(1)
-                value = top(classes[b, i, k], b, i, k) if top is not None else None
+                row = rows[a:a + step]
+                b, i, k = row // (H * K), row // K % H, row % K
+                moved = classes.view(-1, J).index_select(0, row)             # [n, J]
+                value = top(moved, b, i, k) if top is not None else None
                 if value is None:
-                    value = _changed_dense(model, l, zs, noise, classes[b, i, k], b, i, k, base)
-                upper[b, i, k] = value
+                    value = _changed_dense(model, l, zs, noise, moved, b, i, k, base)
+                upper.view(-1)[row] = value
         delta = delta + entropy + upper
-    return delta.masked_fill_(old[..., None] == torch.arange(K, device=x.device), 0.0)   # the sampled class
+    sampled = old[..., None] == torch.arange(K, device=x.device)
+    return delta.contiguous().masked_fill_(sampled, 0.0)                     # 0 at the sampled class
 
 
 @torch.no_grad()
