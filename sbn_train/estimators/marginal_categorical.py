@@ -162,8 +162,8 @@ class _LinearReader:
     than the entries a term needs. ``usable`` is False when the exponents would leave the dtype's range."""
 
     def __init__(self, weight: Tensor, H: int, K: int, old: Tensor, pre: Tensor, block_read: bool):
-        w = weight.T.reshape(H, K, -1)                                       # [H, K, h]
-        self.wc = (w - w.mean(1, keepdim=True)).contiguous()                 # h innermost, as products want
+        w = weight.T.contiguous().view(H, K, -1)                             # [H, K, h], h innermost
+        self.wc = w - w.mean(1, keepdim=True)
         spread = w.amax(1) - w.amin(1)                                      # [H, h]: the largest change
         self.spread_max = float(spread.max()) if spread.numel() else 0.0
         dtype = weight.dtype
