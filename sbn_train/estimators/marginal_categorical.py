@@ -18,6 +18,13 @@ plus the layers' analytic conditional entropies).
   the nets that read its layer as a change of two columns of their first weight matrix (e_new - e_old: a
   rank-2 update of the pre-activations, as a binary flip is rank-1), so the product over the other inputs
   is not redone; only the layers above (re-simulated) and the nets' MLP tails are run on the alternatives.
+  On the CPU, a layer whose reading nets are all linear takes a faster route (:func:`_layer_deltas_linear`):
+  every class of every variable comes from products with exp tables of the centred weight columns (a
+  factor per row and variable times one per variable and class, :class:`_LinearReader`), the re-drawn
+  layer above is drawn and its entropy summed without an exp per alternative (:func:`_resimulated`), and
+  its moved rows take the top layer's own differences (one variable moved), sums of columns (several), or
+  the dense scoring (deeper models). Range checks read values back, so the device route keeps the rank-2
+  pass; where a check fails the layer falls back to it as well.
 """
 from __future__ import annotations
 
@@ -207,10 +214,10 @@ class _LinearReader:
         return out
 
     def blocks(self, K2: int):
-        """For a ``pre`` read as softmax blocks of K2 (J blocks): (g ``[B, H, J, K2]``, table ``[H, K, J, K2]``,
-        shifted ``[B, J, K2]``, s0 ``[B, J]``, n0 ``[B, J]``) with g = e^(shifted - wc[i, o]), shifted = pre less
-        its block max (raised to -(2 spread + margin)), s0 = sum e^shifted and n0 = sum e^shifted * shifted:
-        the alternative (i, k) has block sums sum_m table[i, k, j, m] g[b, i, j, m]."""
+        """For a ``pre`` read as softmax blocks of K2 (J blocks): (log g and g ``[B, H, J, K2]``, table
+        ``[H, K, J, K2]``, s0 ``[B, J]``, n0 ``[B, J]``) with g = e^(shifted - wc[i, o]), shifted = pre less its
+        block max (raised to -(2 spread + margin)), s0 = sum e^shifted and n0 = sum e^shifted * shifted: the
+        alternative (i, k) has block sums sum_m table[i, k, j, m] g[b, i, j, m]."""
         B, h = self.pre.shape
         J = h // K2
         a = self.pre.view(B, J, K2)
@@ -287,8 +294,8 @@ class _TopChanges:
     """:func:`_changed_dense` where layer l+1 is the top and the net p_l reading it is linear. The re-drawn top
     layer changes in few variables j, which move layer l's logits by
     cols = sum_j W[:, jK + new_j] - W[:, jK + old_j] (one sum of gathered rows per alternative: an embedding
-    bag with weights +-1); the block sums then cost one exp per entry and a product with the blocks'
-    indicator. ``usable(cols)`` is False if the changes leave the exp range."""
+    bag with weights +-1); the block sums then cost one exp per entry. A call returns None if the changes
+    leave the exp range (the caller then scores those rows densely)."""
 
     def __init__(self, model: SBN, l: int, zs: list[Tensor], old: Tensor):
         fam = model.family
@@ -387,10 +394,12 @@ def _layer_deltas_linear(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise:
     D = [log p(below | z') - log p(below | z)] + [H(q_{l+1}(. | z')) - H(q_{l+1}(. | z))]
         + [terms of the layers above, re-drawn] - [the same at the sample]
 
-    The first two come from :class:`_LinearReader`. Where the re-drawn layer l+1 keeps its classes, the
-    third is log p(z'_l | z_{l+1}) - log p(z_l | z_{l+1}), a gathered difference; the alternatives whose
-    layer l+1 changes (few) are scored densely, with the layers above them re-drawn (:func:`_above`). At
-    the top layer the third is the prior's gathered difference."""
+    The first two come from :class:`_LinearReader` and :func:`_resimulated`. Where the re-drawn layer l+1
+    keeps its classes, the third is log p(z'_l | z_{l+1}) - log p(z_l | z_{l+1}), a gathered difference.
+    Where it moved in one variable of the top layer, the top's own differences ``top_delta`` (D_L) give it
+    (:func:`_one_top_move`); in several, sums of the top's generative columns (:class:`_TopChanges`); below
+    a deeper top, or out of exp range, the alternatives are scored densely with the layers above re-drawn
+    (:func:`_changed_dense`). At the top layer the third is the prior's gathered difference."""
     fam, L = model.family, model.n_layers
     K, H, B = fam.classes, model.latent_sizes[l - 1], x.shape[0]
     z_l, below = zs[l - 1], ([x] + zs)[l - 1]
@@ -462,7 +471,11 @@ def categorical_deltas(model: SBN, x: Tensor, zs: list[Tensor], uniforms: list[T
       gathered entry of x T^T, so only the softplus sum runs over the [B, alternatives, D] entries;
     - the top layer's prior: a gathered difference of its log-softmax;
     - below the top, the inference net of layer l+1 likewise (rank-2), then the layers above re-drawn
-      from the same uniforms and scored densely."""
+      from the same uniforms and scored densely.
+
+    On the CPU route, layers whose reading nets are linear take :func:`_layer_deltas_linear` instead (the
+    same numbers, to rounding). Layers are taken from the top down, so that the top layer's differences
+    serve the layer below it."""
     fam = _family(model)
     K, B, L = fam.classes, x.shape[0], model.n_layers
     max_elements = max_elements or DEFAULT_MAX_ELEMENTS
