@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one script (`make bench-gpu`): the replica-group table, the CUDA tests,
-# bench_step.py on CUDA
-# (eager and graph columns) for the three paper models, the concurrency mode, and 20,000-step CLI runs with
-# graphs. Everything it prints is the report. Needs a Python where `import sbn_train` works (the project's
+# The checks that need a CUDA GPU, as one script (`make bench-gpu`): the replica-group table (with a categorical
+# model), the CUDA tests, bench_step.py on CUDA (eager and graph columns) for the three paper models and the
+# categorical models, the concurrency mode, and 20,000-step CLI runs with graphs. Everything it prints is the report. Needs a Python where `import sbn_train` works (the project's
 # venv, or PYTHONPATH=<checkout> with its dependencies) and MNIST in the data cache (or network access).
 #   PYTHON=python3 bash scripts/gpu_check.sh
 set -uo pipefail
@@ -22,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=cs
 step "bench_step.py --replicas: aggregate steps/s and peak memory of replica groups, eager and graph"
 timeout 900 $PY scripts/bench_step.py --device cuda --replicas 1,4,16,64 --estimators reinforce,nvil,marginal \
     --rounds 10
-timeout 600 $PY scripts/bench_step.py --device cuda --replicas 1,16 --models sbn_4layer,sbn_nonlinear \
+timeout 600 $PY scripts/bench_step.py --device cuda --replicas 1,16 --models sbn_4layer,sbn_nonlinear,categorical_2layer \
     --estimators nvil,marginal --rounds 5
 
 step "CUDA tests"
