@@ -24,9 +24,9 @@ SMALL = ["dataset=synthetic", "dataset.n_train=300", "dataset.n_valid=100", "dat
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def sbn_train(*args, cwd=None, env=None, timeout=600):
+def sbn_train(*args, cwd=None, env=None, timeout=600, **kw):
     return subprocess.run([sys.executable, "-m", "sbn_train.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=timeout)
+                          cwd=cwd, env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=timeout, **kw)
 
 
 def scalars(folder: Path) -> dict[str, list]:

@@ -144,15 +144,23 @@ def test_a_refused_second_writer_writes_nothing(tmp_path):
     assert snapshot(run) == before                   # no failed.json beside results.json, .hydra/ as it was
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT at its default, as under a terminal. A shell without job control
+    starts background commands (``make test &``) with SIGINT ignored, their children inherit that, and a
+    process that starts with SIGINT ignored rightly keeps ignoring it during start-up."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_start_up_is_one_line(tmp_path):
-    out = sbn_train(*TINY, f"hydra.run.dir={tmp_path / 'run'}", env={"SBN_TRAIN_KILL_AT": "start:0:SIGINT"})
+    out = sbn_train(*TINY, f"hydra.run.dir={tmp_path / 'run'}", env={"SBN_TRAIN_KILL_AT": "start:0:SIGINT"},
+                    preexec_fn=_sigint_default)
     assert out.returncode == 128 + signal.SIGINT, out.stderr
     assert "Traceback" not in out.stderr
     assert last_line(out) == "sbn-train: interrupted (SIGINT) during start-up, before training began"
     # and while the modules load (before the CLI's main function runs)
     proc = subprocess.Popen([sys.executable, "-m", "sbn_train.cli", *TINY, f"hydra.run.dir={tmp_path / 'b'}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD})
+                            env={**os.environ, **ONE_THREAD}, preexec_fn=_sigint_default)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
