@@ -297,13 +297,13 @@ class _TopChanges:
     bag with weights +-1); the block sums then cost one exp per entry. A call returns None if the changes
     leave the exp range (the caller then scores those rows densely)."""
 
-    def __init__(self, model: SBN, l: int, zs: list[Tensor], old: Tensor):
+    def __init__(self, model: SBN, l: int, old: Tensor, up_old: Tensor, logits: Tensor):
+        """``old`` ``[B, H]`` and ``up_old`` ``[B, J]``: the classes of layers l and l+1 at the sample;
+        ``logits`` ``[B, H, K]``: layer l's generative logits there."""
         fam = model.family
         self.K, self.H, self.J = fam.classes, model.latent_sizes[l - 1], model.latent_sizes[l]
-        net, z_up = model.p_nets[l], zs[l]
-        self.old, self.up_old = old, fam.blocks(z_up).argmax(-1)            # [B, H], [B, J]
-        self.wt = net.first.weight.T.contiguous()                            # [J*K, H*K]
-        self.logits = fam.blocks(net(z_up))                                  # [B, H, K] at the sample
+        self.old, self.up_old, self.logits = old, up_old, logits
+        self.wt = model.p_nets[l].first.weight.T.contiguous()                # [J*K, H*K]
         self.shifted = (self.logits - self.logits.amax(-1, keepdim=True)).flatten(-2)   # [B, H*K]
         self.log_s0 = self.shifted.exp().view(-1, self.H, self.K).sum(-1).log_().sum(-1)   # [B]
         self.prior = torch.log_softmax(fam.blocks(model.prior_logits), -1).flatten(-2)   # [J*K]
@@ -431,7 +431,8 @@ def _layer_deltas_linear(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise:
         up_old = fam.blocks(z_up).argmax(-1)                                # [B, J]
         chunk = max(1, min(H, _CACHE_ELEMENTS // (B * K * J * K)))
         classes, entropy = _resimulated(q_reader, K, noise[l], chunk)   # [B, H, K, J], [B, H, K]
-        log_p = torch.log_softmax(fam.blocks(model.p_nets[l](z_up)), -1)    # [B, H, K]: log p(z_l | z_{l+1})
+        logits_l = fam.blocks(model.p_nets[l](z_up))                        # [B, H, K]: p(z_l | z_{l+1})
+        log_p = torch.log_softmax(logits_l, -1)
         upper = log_p - torch.gather(log_p, -1, old[..., None])
         moves = classes != up_old[:, None, None, :]                          # [B, H, K, J]
         count = moves.sum(-1, dtype=torch.uint8) if J < 256 else moves.sum(-1)
@@ -444,7 +445,8 @@ def _layer_deltas_linear(model: SBN, l: int, x: Tensor, zs: list[Tensor], noise:
         if rows.numel():
             base = _upper_terms(model, l + 1, x, zs, noise)                  # [B]
             step = max(1, max_elements // max(1, model.sizes[l] + max(model.sizes[l:])))
-            top = _TopChanges(model, l, zs, old) if l + 1 == L and model.p_nets[l].is_linear else None
+            top = (_TopChanges(model, l, old, up_old, logits_l) if l + 1 == L and model.p_nets[l].is_linear
+                   else None)
             for a in range(0, rows.shape[0], step):
                 row = rows[a:a + step]
                 b, i, k = row // (H * K), row // K % H, row % K
