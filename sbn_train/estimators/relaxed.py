@@ -63,17 +63,24 @@ def categorical_chain(model: SBN, x: Tensor, gumbels: list[Tensor], temperature:
     return chain, zs
 
 
-class Gumbel(Estimator):
-    """Binary Concrete relaxation of every layer at a fixed ``temperature`` (biased)."""
+class _Relaxed(Estimator):
+    """An estimator through a relaxation at a fixed, positive ``temperature`` (biased), for either family."""
 
     unbiased = False
     families = ("bernoulli", "categorical")
 
-    def __init__(self, model: SBN | None = None, temperature: float = 0.5):
+    def __init__(self, model: SBN | None = None, temperature: float = 1.0):
         super().__init__(model)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
+
+
+class Gumbel(_Relaxed):
+    """Binary Concrete relaxation of every layer at a fixed ``temperature`` (biased)."""
+
+    def __init__(self, model: SBN | None = None, temperature: float = 0.5):
+        super().__init__(model, temperature)
 
     def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
         if isinstance(model.family, Categorical):
@@ -89,18 +96,9 @@ class Gumbel(Estimator):
         return Estimate(surrogate=surrogate, elbo=elbo_of(model, x, model.sample_q(x, uniforms)))
 
 
-class StraightThrough(Estimator):
+class StraightThrough(_Relaxed):
     """Binary sample forward, sigmoid derivative backward, through every layer (biased). On a categorical
     model: straight-through Gumbel-softmax at ``temperature`` (which a binary model does not use)."""
-
-    unbiased = False
-    families = ("bernoulli", "categorical")
-
-    def __init__(self, model: SBN | None = None, temperature: float = 1.0):
-        super().__init__(model)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
 
     def forward(self, model: SBN, x: Tensor, generator: torch.Generator | None = None) -> Estimate:
         if isinstance(model.family, Categorical):
