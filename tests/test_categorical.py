@@ -22,7 +22,8 @@ from sbn_train.models import SBN, Categorical, latent_family
 
 from conftest import random_binary, random_sbn
 from stats import bonferroni_z, flat_grad, randomize_estimator as randomized, sample_gradients, unbiasedness_z
-from test_estimator_zoo import assert_biased, assert_unbiased, assert_variance_not_larger, inference_mask
+from test_estimator_zoo import (assert_biased, assert_unbiased, assert_variance_not_larger, inference_mask,
+                                marginal_samples_at)
 
 ALPHA = 1e-3
 N_SAMPLES = 3000
@@ -338,10 +339,7 @@ def test_vimco_is_unbiased_for_the_two_sample_bound():
 
 @pytest.fixture(scope="module")
 def marginal_at_point():
-    model, x = cat_model(), random_binary(4, 5)
-    mask = inference_mask(model)
-    samples = sample_gradients(build_estimator("marginal", model).double().eval(), model, x, N_VARIANCE, seed=101)
-    return model, x, mask, samples[:, mask]
+    return marginal_samples_at(cat_model(), random_binary(4, 5), N_VARIANCE)
 
 
 @pytest.mark.parametrize("other", LISTS["single_sample"])

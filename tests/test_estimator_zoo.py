@@ -171,12 +171,18 @@ def assert_variance_not_larger(low, high, what):
     assert float(low.var(0).mean()) < float(high.var(0).mean()), what
 
 
+def marginal_samples_at(model, x, n=None):
+    """(model, x, inference mask, the marginal estimator's inference gradients [n, live]) in eval mode, the
+    reference of the variance-ordering tests."""
+    mask = inference_mask(model)
+    samples = sample_gradients(build_estimator("marginal", model).double().eval(), model, x, n or N_VARIANCE,
+                               seed=101)
+    return model, x, mask, samples[:, mask]
+
+
 @pytest.fixture(scope="module")
 def marginal_at_point():
-    model, x = random_sbn(), random_binary(4, 5)
-    mask = inference_mask(model)
-    samples = sample_gradients(build_estimator("marginal", model).double().eval(), model, x, N_VARIANCE, seed=101)
-    return model, x, mask, samples[:, mask]
+    return marginal_samples_at(random_sbn(), random_binary(4, 5))
 
 
 @pytest.mark.parametrize("other", SINGLE_SAMPLE)
